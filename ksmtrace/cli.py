@@ -1,0 +1,68 @@
+"""The `ksmtrace` command: argument parsing, dispatch, and turning known
+errors into one-line messages with distinct exit codes (never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ksmtrace import __version__
+from ksmtrace.errors import Exit, KsmtraceError
+
+DESCRIPTION = """\
+ksmtrace: see what Linux Kernel Samepage Merging (KSM) does, stage by stage:
+searching (ksmd scanning), merging, counting (who saves what), updating
+(copy-on-write breaks and unmerges)."""
+
+EPILOG = """\
+examples:
+  sudo ksmtrace doctor                 what this kernel can show, and how
+  sudo ksmtrace stat --demo 1 10       ten 1 s lines while a demo workload merges
+  ksmtrace stat --sysfs-only 5         KSM counters every 5 s, no root needed
+  sudo ksmtrace workload -n 4 -p 2000 -d 50 --cow-fraction 0.1
+
+Run `ksmtrace COMMAND --help` for each command's options and examples."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ksmtrace import doctor, stat, workload
+
+    p = argparse.ArgumentParser(
+        prog="ksmtrace",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"ksmtrace {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    doctor.add_parser(sub)
+    stat.add_parser(sub)
+    workload.add_cli(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return int(Exit.USAGE)
+    try:
+        return int(args.func(args) or 0)
+    except KsmtraceError as e:
+        print(f"ksmtrace: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"  how to fix: {e.hint}", file=sys.stderr)
+        return int(e.exit_code)
+    except KeyboardInterrupt:
+        print("ksmtrace: interrupted", file=sys.stderr)
+        return int(Exit.INTERRUPTED)
+    except BrokenPipeError:
+        # `ksmtrace stat | head`: the reader went away; that is not an error.
+        sys.stderr.close()
+        return int(Exit.OK)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""Which kernel functions exist, as the two attach mechanisms see them.
+
+- kprobes need the function in /proc/kallsyms (and not inlined or notrace);
+- fentry/fexit need a BTF FUNC record for it in /sys/kernel/btf/vmlinux.
+
+A function inlined into its caller (ksm_do_scan into ksm_scan_thread on
+nearly every distro kernel) is in neither. The BTF reader below walks the
+type section just far enough to collect FUNC names; it needs no libbpf.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+BTF_MAGIC = 0xEB9F
+BTF_KIND_FUNC = 12
+# Bytes that follow `struct btf_type` (12 bytes) per kind: fixed + per-member.
+_EXTRA_FIXED = {1: 4, 3: 12, 14: 4, 17: 4}
+_EXTRA_PER_VLEN = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}
+
+
+def kallsyms_names(root: str | os.PathLike = "/", wanted: set[str] | None = None) -> set[str]:
+    """Function names in /proc/kallsyms (names are readable without root)."""
+    found: set[str] = set()
+    path = Path(root) / "proc/kallsyms"
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3 or parts[1] not in (b"t", b"T"):
+                    continue
+                name = parts[2].decode()
+                # "foo.constprop.0" / "foo.isra.0" are compiler clones of foo
+                base = name.split(".", 1)[0]
+                if wanted is None or base in wanted:
+                    found.add(base)
+    except OSError:
+        return set()
+    return found
+
+
+def btf_path(root: str | os.PathLike = "/") -> Path:
+    return Path(root) / "sys/kernel/btf/vmlinux"
+
+
+def btf_func_names(root: str | os.PathLike = "/") -> set[str] | None:
+    """Names of every BTF FUNC in vmlinux BTF, or None when there is no BTF."""
+    try:
+        data = btf_path(root).read_bytes()
+    except OSError:
+        return None
+    return parse_btf_funcs(data)
+
+
+def parse_btf_funcs(data: bytes) -> set[str]:
+    magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
+    if magic != BTF_MAGIC:
+        raise ValueError(f"not BTF (magic {magic:#x})")
+    type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
+    types = hdr_len + type_off
+    strings = hdr_len + str_off
+    end = types + type_len
+    names: set[str] = set()
+    off = types
+    unpack = struct.Struct("<III").unpack_from
+    while off < end:
+        name_off, info, _size = unpack(data, off)
+        kind = (info >> 24) & 0x1F
+        vlen = info & 0xFFFF
+        off += 12 + _EXTRA_FIXED.get(kind, 0) + _EXTRA_PER_VLEN.get(kind, 0) * vlen
+        if kind == BTF_KIND_FUNC and name_off:
+            s = strings + name_off
+            names.add(data[s : data.index(b"\0", s)].decode())
+    return names
