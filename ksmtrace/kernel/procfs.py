@@ -6,12 +6,14 @@ every per-pid reader returns `None` for it. So does a process we may not read
 (`ksm_stat` is mode 0400, owned by the process's user): as non-root, other
 users' processes are simply not visible here, and nothing is printed.
 
-What each kernel prints in ksm_stat (fs/proc/base.c, proc_pid_ksm_stat):
-  6.1   ksm_rmap_items
-  6.4   + ksm_merging_pages, ksm_process_profit (signed)
-  6.10  + ksm_zero_pages (signed since 6.10's atomic counter)
-  6.14  + "ksm_merge_any: yes|no", "ksm_mergeable: yes|no" (note the colon)
-A kernel thread has no mm: its ksm_stat is empty.
+What ksm_stat prints (fs/proc/base.c, proc_pid_ksm_stat; versions from the
+upstream history, approximate), in this order on 6.18:
+  6.1    ksm_rmap_items
+  ~6.10  + ksm_zero_pages (signed)
+  ~6.4   + ksm_merging_pages, ksm_process_profit (signed, bytes)
+  ~6.15  + "ksm_merge_any: yes|no", "ksm_mergeable: yes|no" (note the colon)
+A kernel thread has no mm: its ksm_stat is empty (and smaps_rollup fails
+with ESRCH).
 """
 
 from __future__ import annotations
@@ -147,7 +149,7 @@ def read_vmstat(root: str | os.PathLike = "/") -> dict[str, int]:
 class KsmVmstat:
     """KSM's global event counters in /proc/vmstat; None when not built in."""
 
-    cow_ksm: int | None  # copy-on-write breaks of KSM pages (6.4+)
+    cow_ksm: int | None  # copy-on-write breaks of KSM pages (~6.4+)
     ksm_swpin_copy: int | None  # KSM pages copied on swap-in (needs CONFIG_SWAP)
 
 
@@ -157,7 +159,7 @@ def read_ksm_vmstat(root: str | os.PathLike = "/") -> KsmVmstat:
 
 
 def read_smaps_rollup_ksm_bytes(pid: int, root: str | os.PathLike = "/") -> int | None:
-    """The `KSM:` line of smaps_rollup (6.6+), in bytes: resident KSM pages of
+    """The `KSM:` line of smaps_rollup (~6.7+), in bytes: resident KSM pages of
     this process (the shared zero page not included). None if the process is
     gone or unreadable, or the kernel has no such line."""
     text = _read_text(_proc(root) / str(pid) / "smaps_rollup")

@@ -74,3 +74,70 @@ def parse_btf_funcs(data: bytes) -> set[str]:
             s = strings + name_off
             names.add(data[s : data.index(b"\0", s)].decode())
     return names
+
+
+
+BTF_KIND_STRUCT = 4
+BTF_KIND_UNION = 5
+BTF_KIND_ENUM = 6
+_MODIFIERS = (8, 9, 10, 11, 18)  # typedef, volatile, const, restrict, type_tag
+
+
+def parse_btf_layout(data: bytes, fields: set[str], enums: set[str] = frozenset()) -> dict[str, int]:
+    """Byte offsets of struct members ("vm_fault.vma", "page.mapping") and
+    values of enumerators ("FAULT_FLAG_UNSHARE"), read from BTF.
+
+    BPF programs that read kernel structs get these as -D flags, so they never
+    depend on the (possibly mismatched) headers bcc compiles against. Members
+    inside anonymous structs/unions are found (struct page.mapping is one);
+    bitfields are not.
+    """
+    magic, _v, _f, hdr_len = struct.unpack_from("<HBBI", data, 0)
+    if magic != BTF_MAGIC:
+        raise ValueError(f"not BTF (magic {magic:#x})")
+    type_off, type_len, str_off, _ = struct.unpack_from("<IIII", data, 8)
+    types_at, strings = hdr_len + type_off, hdr_len + str_off
+    end = types_at + type_len
+
+    def name(off: int) -> str:
+        s = strings + off
+        return data[s : data.index(b"\0", s)].decode()
+
+    wanted_structs = {f.split(".", 1)[0] for f in fields}
+    table: list[tuple[int, int, int, int, int]] = [(0, 0, 0, 0, 0)]  # id 0 is void
+    out: dict[str, int] = {}
+    off = types_at
+    unpack = struct.Struct("<III").unpack_from
+    while off < end:
+        name_off, info, size_or_type = unpack(data, off)
+        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+        body = off + 12
+        table.append((kind, name_off, info, body, size_or_type))
+        if kind == BTF_KIND_ENUM and enums:
+            for i in range(vlen):
+                e_name, e_val = struct.unpack_from("<Ii", data, body + 8 * i)
+                if name(e_name) in enums:
+                    out[name(e_name)] = e_val
+        off = body + _EXTRA_FIXED.get(kind, 0) + _EXTRA_PER_VLEN.get(kind, 0) * vlen
+
+    def members(tid: int, base: int, prefix: str) -> None:
+        kind, _n, info, body, _s = table[tid]
+        kflag, vlen = info >> 31, info & 0xFFFF
+        for i in range(vlen):
+            m_name, m_type, m_off = unpack(data, body + 12 * i)
+            bit = m_off & 0xFFFFFF if kflag else m_off
+            if bit % 8:
+                continue
+            if m_name:
+                out.setdefault(f"{prefix}.{name(m_name)}", base + bit // 8)
+                continue
+            t = m_type
+            while table[t][0] in _MODIFIERS:
+                t = table[t][4]
+            if table[t][0] in (BTF_KIND_STRUCT, BTF_KIND_UNION):
+                members(t, base + bit // 8, prefix)
+
+    for tid, (kind, name_off, _info, _body, _s) in enumerate(table):
+        if kind == BTF_KIND_STRUCT and name_off and name(name_off) in wanted_structs:
+            members(tid, 0, name(name_off))
+    return {k: v for k, v in out.items() if k in fields or k in enums}

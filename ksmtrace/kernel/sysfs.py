@@ -38,7 +38,11 @@ COUNTERS = (
 
 # Writable knobs with the kernel's defaults (mm/ksm.c), in the order they are
 # restored: `run` goes last so ksmd never runs with half-restored settings.
+# `advisor_mode` goes first: while the advisor is on the kernel refuses
+# pages_to_scan writes (EINVAL), and switching it to "none" resets
+# pages_to_scan to 100, which must then be put back.
 KNOB_DEFAULTS: dict[str, int | str] = {
+    "advisor_mode": "none",
     "pages_to_scan": 100,
     "sleep_millisecs": 20,
     "use_zero_pages": 0,
@@ -46,7 +50,6 @@ KNOB_DEFAULTS: dict[str, int | str] = {
     "merge_across_nodes": 1,
     "stable_node_chains_prune_millisecs": 2000,
     "smart_scan": 1,
-    "advisor_mode": "none",
     "advisor_max_cpu": 70,
     "advisor_min_pages_to_scan": 500,
     "advisor_max_pages_to_scan": 30000,
@@ -195,11 +198,16 @@ class KsmKnobs:
                     f"this kernel has no KSM knob {name!r} ({path} missing)",
                     "the knob was added in a later kernel; leave it at its default",
                 )
-            if name not in self.saved:
-                current = read_knob(name, self.root)
-                assert current is not None
-                self.saved[name] = current
+            self._save(name)
+            if name == "advisor_mode":
+                self._save("pages_to_scan")  # the advisor rewrites it
             self._write(path, name, value)
+
+    def _save(self, name: str) -> None:
+        if name not in self.saved:
+            current = read_knob(name, self.root)
+            if current is not None:
+                self.saved[name] = current
 
     def _write(self, path: Path, name: str, value: int | str) -> None:
         try:

@@ -9,7 +9,6 @@ per-process counters in ksm_stat.
 from __future__ import annotations
 
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -180,17 +179,3 @@ def test_vanished_process_is_no_process():
     with pytest.raises(NoProcess):
         read_page_map(p.pid)
     assert procfs.read_ksm_stat(p.pid) is None
-
-
-def test_sigterm_inside_knobs_restores(tmp_path):
-    # Cheap guard that this module's own pattern is safe on the live host:
-    # SIGTERM delivered inside the `with` still leaves the knobs as found.
-    from ksmtrace.kernel.sysfs import Terminated, read_knob
-
-    before = read_knob("pages_to_scan")
-    with pytest.raises(Terminated):
-        with KsmKnobs() as k:
-            k.set(pages_to_scan=1234)
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)
-    assert read_knob("pages_to_scan") == before

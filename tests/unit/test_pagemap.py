@@ -1,0 +1,235 @@
+"""Page-map reader on the recorded page-map chunks (see tests/fixtures/README.md)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from ksmtrace.errors import NoProcess, NotRoot
+from ksmtrace.kernel import pagemap, procfs
+from ksmtrace.kernel.pagemap import (
+    KPF_KSM,
+    KPF_ZERO_PAGE,
+    PAGE_SIZE,
+    Area,
+    PageInfo,
+    PageState,
+    RootFiles,
+    mergeable_areas,
+    parse_smaps_areas,
+    read_page_map,
+)
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+HOST = FIXTURES / "host-6.18"
+OLD = FIXTURES / "host-6.1"
+MANIFEST = json.loads((HOST / "MANIFEST.json").read_text())
+DUPS = [MANIFEST["roles"][f"dup-{i}"] for i in range(3)]
+LAYOUT = MANIFEST["dup_area_layout_pages"]
+N_DUP, N_ZERO, N_UNIQUE, N_UNTOUCHED = (
+    LAYOUT["duplicate"],
+    LAYOUT["zero"],
+    LAYOUT["unique"],
+    LAYOUT["untouched"],
+)
+AREA_PAGES = N_DUP + N_ZERO + N_UNIQUE + N_UNTOUCHED
+COW = MANIFEST["cow_page_of_dup_0"]
+
+pytestmark = pytest.mark.skipif(
+    PAGE_SIZE != MANIFEST["page_size"], reason="fixtures recorded with another page size"
+)
+
+
+def test_mergeable_areas():
+    for pid in DUPS:
+        areas = mergeable_areas(pid, HOST)
+        assert len(areas) == 1
+        assert areas[0].pages == AREA_PAGES and areas[0].path == ""
+    # Only the madvised area carries `mg` in those processes.
+    smaps = (HOST / f"proc/{DUPS[0]}/smaps").read_text()
+    assert sum(" mg" in ln for ln in smaps.splitlines() if ln.startswith("VmFlags:")) == 1
+
+
+def test_parse_smaps_areas():
+    text = (
+        "00400000-00452000 r-xp 00000000 08:02 173521  /usr/bin/my prog\n"
+        "Size:                328 kB\n"
+        "VmFlags: rd ex mr mw me dw mg\n"
+        "7f0000000000-7f0000004000 rw-p 00000000 00:00 0 \n"
+        "Rss:                   4 kB\n"
+        "VmFlags: rd wr mr mw me ac mg\n"
+        "7f0000004000-7f0000008000 rw-p 00000000 00:00 0  [heap]\n"
+        "VmFlags: rd wr mr mw me ac\n"
+    )
+    assert parse_smaps_areas(text) == [
+        Area(0x400000, 0x452000, "/usr/bin/my prog"),
+        Area(0x7F0000000000, 0x7F0000004000, ""),
+    ]
+
+
+def expected_states(i: int) -> list[PageState]:
+    states = (
+        [PageState.KSM] * N_DUP
+        + [PageState.ZERO] * N_ZERO
+        + [PageState.PRESENT] * N_UNIQUE
+        + [PageState.ABSENT] * N_UNTOUCHED
+    )
+    if i == 0:
+        states[COW] = PageState.PRESENT  # written after merging: a private copy
+    return states
+
+
+@pytest.mark.parametrize("root", [HOST, OLD], ids=["6.18", "6.1-format"])
+def test_page_states_follow_the_recorded_layout(root):
+    for i, pid in enumerate(DUPS):
+        pm = read_page_map(pid, root=root)
+        assert len(pm) == AREA_PAGES
+        assert [p.state for p in pm] == expected_states(i)
+        assert sum(pm.counts.values()) == AREA_PAGES
+
+
+def test_counts_agree_with_the_kernels_own_counters():
+    for pid in DUPS:
+        pm = read_page_map(pid, root=HOST)
+        stat = procfs.read_ksm_stat(pid, HOST)
+        assert pm.ksm_pages == stat.ksm_merging_pages
+        assert pm.zero_pages == stat.ksm_zero_pages
+        assert procfs.read_smaps_rollup_ksm_bytes(pid, HOST) == pm.ksm_pages * PAGE_SIZE
+
+
+def test_ksm_pfns_and_mappers():
+    maps = [read_page_map(pid, root=HOST) for pid in DUPS]
+    ksm: dict[int, int] = {}
+    for pm in maps:
+        ksm.update(pm.pfns(PageState.KSM))
+    # 3 processes x 64 pages of 4 contents = 48 PTEs per KSM page, one fewer
+    # for the content whose page dup-0 copied on write.
+    assert len(ksm) == LAYOUT["duplicate_contents"]
+    per_content = 3 * N_DUP // LAYOUT["duplicate_contents"]
+    assert sorted(ksm.values()) == [per_content - 1] + [per_content] * (len(ksm) - 1)
+    # Same content -> same pfn, in every process.
+    first = {i: p.pfn for i, p in enumerate(maps[1]) if p.state is PageState.KSM}
+    for pm in maps:
+        for i, p in enumerate(pm):
+            if p.state is PageState.KSM:
+                assert p.pfn == first[i % LAYOUT["duplicate_contents"]]
+                assert pm.kpageflags(p.pfn) & KPF_KSM
+
+
+def test_zero_and_present_pages():
+    pm = read_page_map(DUPS[1], root=HOST)
+    zero = pm.pfns(PageState.ZERO)
+    assert len(zero) == 1  # one shared zero page
+    (zpfn,) = zero
+    assert pm.kpageflags(zpfn) & KPF_ZERO_PAGE
+    present = pm.pfns(PageState.PRESENT)
+    assert len(present) == N_UNIQUE and set(present.values()) == {1}
+    assert pm.pfns(PageState.ABSENT) == {}
+
+
+def test_iteration_yields_addresses_in_order():
+    pm = read_page_map(DUPS[2], root=HOST)
+    (area,) = pm.areas
+    pages = list(pm)
+    assert [p.addr for p in pages] == list(range(area.start, area.end, PAGE_SIZE))
+    last = pages[-1]
+    assert last == PageInfo(area.end - PAGE_SIZE, PageState.ABSENT, None, None)
+    assert [p.addr for p in pm.pages(PageState.ZERO)] == [
+        area.start + (N_DUP + i) * PAGE_SIZE for i in range(N_ZERO)
+    ]
+
+
+def test_explicit_areas_may_split_the_vma():
+    (area,) = mergeable_areas(DUPS[0], HOST)
+    mid = area.start + 70 * PAGE_SIZE
+    parts = [Area(area.start, mid, ""), Area(mid, area.end, "")]
+    whole = list(read_page_map(DUPS[0], root=HOST))
+    split = read_page_map(DUPS[0], parts, root=HOST)
+    assert split.areas == tuple(parts)
+    assert list(split) == whole
+
+
+def test_missing_pid_is_no_process():
+    with pytest.raises(NoProcess):
+        read_page_map(999_999_999, root=HOST)
+    with pytest.raises(NoProcess):
+        mergeable_areas(999_999_999, HOST)
+
+
+def test_hidden_pfns_mean_not_root(tmp_path):
+    # What an unprivileged reader gets: present pages, pfn field zeroed.
+    pid = 4242
+    d = tmp_path / f"proc/{pid}"
+    (d / "pagemap.chunks").mkdir(parents=True)
+    (d / "smaps").write_text("7f0000000000-7f0000002000 rw-p 00000000 00:00 0 \nVmFlags: mg\n")
+    (d / "pagemap.chunks" / f"{0x7F0000000000 // PAGE_SIZE * 8:016x}").write_bytes(
+        struct.pack("2Q", 1 << 63, 1 << 63)
+    )
+    with pytest.raises(NotRoot, match="needs root"):
+        read_page_map(pid, root=tmp_path)
+
+
+def test_unreadable_kpageflags_means_not_root(monkeypatch):
+    real = RootFiles.pread
+
+    def pread(self, rel, offset, size):
+        if rel == "proc/kpageflags":
+            raise PermissionError(13, "Permission denied")
+        return real(self, rel, offset, size)
+
+    monkeypatch.setattr(RootFiles, "pread", pread)
+    with pytest.raises(NotRoot):
+        read_page_map(DUPS[0], root=HOST)
+
+
+def test_unreadable_smaps_means_not_root(monkeypatch):
+    def read_text(self, rel):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(RootFiles, "read_text", read_text)
+    with pytest.raises(NotRoot):
+        mergeable_areas(DUPS[0], HOST)
+
+
+def test_chunk_reads_join_and_zero_fill(tmp_path):
+    d = tmp_path / "proc/kpagecount.chunks"
+    d.mkdir(parents=True)
+    (d / f"{16:016x}").write_bytes(b"AAAAAAAA")
+    (d / f"{24:016x}").write_bytes(b"BBBBBBBB")
+    files = RootFiles(tmp_path)
+    assert files.exists("proc/kpagecount")
+    assert files.pread("proc/kpagecount", 12, 24) == b"\0" * 4 + b"A" * 8 + b"B" * 8 + b"\0" * 4
+    assert files.pread("proc/kpagecount", 20, 6) == b"AAAABB"
+    assert files.pread("proc/kpagecount", 1000, 8) == b"\0" * 8
+
+
+def test_pfn_reads_are_batched(monkeypatch):
+    assert list(pagemap._pfn_runs([5, 6, 7, 50, 1000, 1001])) == [(5, 46), (1000, 2)]
+    assert list(pagemap._pfn_runs([])) == []
+    calls: list[tuple[str, int, int]] = []
+    real = RootFiles.pread
+
+    def pread(self, rel, offset, size):
+        calls.append((rel, offset, size))
+        return real(self, rel, offset, size)
+
+    monkeypatch.setattr(RootFiles, "pread", pread)
+    pm = read_page_map(DUPS[0], root=HOST)
+    by_file: dict[str, int] = {}
+    for rel, _, _ in calls:
+        by_file[rel] = by_file.get(rel, 0) + 1
+    assert by_file[f"proc/{DUPS[0]}/pagemap"] == 1  # one read per area
+    distinct = {p.pfn for p in pm if p.pfn is not None}
+    assert by_file["proc/kpageflags"] == by_file["proc/kpagecount"] <= len(distinct)
+
+
+def test_vanished_process_tree(tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(HOST, root)
+    shutil.rmtree(root / f"proc/{DUPS[0]}")
+    with pytest.raises(NoProcess):
+        read_page_map(DUPS[0], root=root)
