@@ -1,12 +1,34 @@
-"""Aggregation: turns the stream of counter samples (and, with BPF, events)
-into one immutable Snapshot per interval. Pure Python, no kernel access."""
+"""Aggregation: turns the stream of ticks (counter polls, in-kernel
+aggregates, raw events) into one immutable Snapshot per interval.
+
+Pure Python, no kernel access, so it runs the same on live data and on a
+recording. Memory stays bounded under process churn: per-process state is
+kept for live pids plus a bounded set of recently exited ones.
+"""
 
 from __future__ import annotations
 
-from ksmtrace.model import RATE_COUNTERS, CounterSample, Snapshot
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from ksmtrace.model import (
+    BPF_COUNTERS,
+    RATE_COUNTERS,
+    CounterSample,
+    Event,
+    MmStats,
+    ProbeStatus,
+    ProcessRow,
+    Snapshot,
+    Tick,
+    iter_events,
+)
+
+MAX_EXITED = 256  # exited processes kept in the table (most recent)
+EVENT_TAIL = 512  # events kept per snapshot for views (all are recorded)
 
 
-def _counter(s: CounterSample, name: str) -> int | None:
+def kernel_counter(s: CounterSample, name: str) -> int | None:
     if name == "merged_pages":
         return s.ksm.merged_pages
     if name == "cow_ksm":
@@ -14,25 +36,192 @@ def _counter(s: CounterSample, name: str) -> int | None:
     return getattr(s.ksm, name)
 
 
-class Collector:
-    def __init__(self, source: str, notes: tuple[str, ...] = ()):
-        self.source = source
-        self.notes = notes
-        self._prev: CounterSample | None = None
+def split_exact(total: int, weights: dict[int, int]) -> dict[int, int]:
+    """Split `total` in proportion to `weights` so the parts sum to `total`
+    exactly (largest remainder; ties go to the larger weight, then smaller key)."""
+    wsum = sum(weights.values())
+    if total <= 0 or wsum <= 0:
+        return {}
+    parts = {k: total * w // wsum for k, w in weights.items()}
+    left = total - sum(parts.values())
+    order = sorted(weights, key=lambda k: (-(total * weights[k] % wsum), -weights[k], k))
+    for k in order[:left]:
+        parts[k] += 1
+    return {k: v for k, v in parts.items() if v}
 
-    def add_sample(self, s: CounterSample) -> Snapshot:
-        prev, self._prev = self._prev, s
+
+@dataclass
+class _Proc:
+    comm: str = "?"
+    cgroup: str = "/"
+    merges: int = 0  # successful merges, since start
+    cow: int = 0
+    merges_prev: int = 0
+    cow_prev: int = 0
+    alive: bool = True
+
+
+@dataclass
+class _MmState:
+    last: MmStats = field(default_factory=MmStats)
+
+
+class Collector:
+    def __init__(self, source: str, probes: tuple[ProbeStatus, ...] = (),
+                 notes: tuple[str, ...] = (), cow_estimated: bool = False):
+        self.source = source
+        self.probes = probes
+        self.notes = notes
+        self.cow_estimated = cow_estimated
+        self._first: CounterSample | None = None
+        self._prev: Tick | None = None
+        self._procs: OrderedDict[int, _Proc] = OrderedDict()
+        self._mm_seen: dict[int, MmStats] = {}  # last stats per live mm
+        self._owner: dict[int, int] = {}  # mm -> pid, as last known
+        self._cow_unattributed = 0
+
+    # ------------------------------------------------------------------
+    def add_tick(self, tick: Tick) -> Snapshot:
+        prev, self._prev = self._prev, tick
+        c = tick.counters
+        if self._first is None:
+            self._first = c
+        interval = 0.0 if prev is None else c.mono - prev.counters.mono
+
+        totals: dict[str, int] = {}
         deltas: dict[str, int] = {}
-        rates: dict[str, float] = {}
-        interval = 0.0 if prev is None else s.mono - prev.mono
-        if prev is not None:
-            for name in RATE_COUNTERS:
-                now, before = _counter(s, name), _counter(prev, name)
-                if now is None or before is None:
-                    continue
+        for name in RATE_COUNTERS:
+            now, first = kernel_counter(c, name), kernel_counter(self._first, name)
+            if now is None or first is None:
+                continue
+            totals[name] = now - first
+            before = kernel_counter(prev.counters, name) if prev else None
+            if before is not None:
                 deltas[name] = now - before
-                if interval > 0:
-                    rates[name] = deltas[name] / interval
+
+        b = tick.bpf
+        if b is not None:
+            for name in BPF_COUNTERS:
+                totals[name] = b.counters.get(name, 0)
+                if prev is not None and prev.bpf is not None:
+                    deltas[name] = totals[name] - prev.bpf.counters.get(name, 0)
+            for agg in ("merges", "merge_failures", "cow_breaks"):
+                totals[agg] = _agg(b.counters, agg)
+                if prev is not None and prev.bpf is not None:
+                    deltas[agg] = totals[agg] - _agg(prev.bpf.counters, agg)
+            self._update_processes(tick, deltas.get("cow_ksm", 0))
+        else:
+            self._update_processes(tick, 0)
+
+        rates = {k: v / interval for k, v in deltas.items()} if interval > 0 else {}
+        lost = 0
+        if b is not None:
+            lost = b.counters.get("events_lost", 0) + b.perf_lost
+        events: tuple[Event, ...] = ()
+        if tick.events:
+            tail = tick.events[-EVENT_TAIL * 72:]
+            events = tuple(iter_events(tail))
         return Snapshot(
-            s.wall, interval, self.source, s.ksm, s.vmstat, deltas, rates, s.processes, self.notes
+            seq=tick.seq,
+            wall=c.wall,
+            interval=interval,
+            source=self.source,
+            ksm=c.ksm,
+            vmstat=c.vmstat,
+            totals=totals,
+            rates=rates,
+            hist={k: dict(v) for k, v in b.hist.items()} if b else {},
+            errors=dict(b.errors) if b else {},
+            processes=self._rows(tick, interval),
+            probes=self.probes,
+            traced=b is not None,
+            cow_estimated=self.cow_estimated,
+            lost_events=lost,
+            events=events,
+            notes=self.notes,
         )
+
+    # ------------------------------------------------------------------
+    def _proc(self, pid: int) -> _Proc:
+        p = self._procs.get(pid)
+        if p is None:
+            p = self._procs[pid] = _Proc()
+        return p
+
+    def _update_processes(self, tick: Tick, cow_ksm_delta: int) -> None:
+        c = tick.counters
+        alive = {ps.pid for ps in c.processes}
+        for ps in c.processes:
+            p = self._proc(ps.pid)
+            p.comm, p.cgroup, p.alive = ps.comm, ps.cgroup, True
+        b = tick.bpf
+        if b is not None:
+            self._owner.update(b.owners)
+            wp_delta: dict[int, int] = {}
+            for mm, st in list(b.mms.items()) + list(b.exited.items()):
+                before = self._mm_seen.get(mm, MmStats())
+                pid = self._owner.get(mm, 0)
+                dm = sum(st.merges) - sum(before.merges)
+                dc = sum(st.cow) - sum(before.cow)
+                dw = st.wp_faults - before.wp_faults
+                if dm or dc:
+                    p = self._proc(pid)
+                    p.merges += dm
+                    if not self.cow_estimated:
+                        p.cow += dc
+                if dw:
+                    wp_delta[pid] = wp_delta.get(pid, 0) + dw
+                self._mm_seen[mm] = st
+            for mm in b.exited:
+                self._mm_seen.pop(mm, None)
+            if self.cow_estimated and cow_ksm_delta > 0:
+                # the exact global count, split by write-protect faults
+                parts = split_exact(cow_ksm_delta, wp_delta)
+                for pid, n in parts.items():
+                    self._proc(pid).cow += n
+                self._cow_unattributed += cow_ksm_delta - sum(parts.values())
+        # bounded: forget the oldest exited processes beyond MAX_EXITED
+        for pid, p in self._procs.items():
+            if pid not in alive and pid != 0 and c.processes:
+                p.alive = False
+        exited = [pid for pid, p in self._procs.items() if not p.alive]
+        for pid in exited[: max(0, len(exited) - MAX_EXITED)]:
+            del self._procs[pid]
+
+    def _rows(self, tick: Tick, interval: float) -> tuple[ProcessRow, ...]:
+        stats = {ps.pid: ps for ps in tick.counters.processes}
+        rows = []
+        for pid, p in self._procs.items():
+            ps = stats.get(pid)
+            st = ps.stat if ps else None
+            dm, dc = p.merges - p.merges_prev, p.cow - p.cow_prev
+            p.merges_prev, p.cow_prev = p.merges, p.cow
+            if ps is None and not p.merges and not p.cow:
+                continue
+            rows.append(ProcessRow(
+                pid=pid,
+                comm=p.comm if pid else "(unattributed)",
+                cgroup=p.cgroup,
+                mergeable=bool(st and (st.ksm_mergeable or st.ksm_merge_any)),
+                merging_pages=st.ksm_merging_pages if st else None,
+                zero_pages=st.ksm_zero_pages if st else None,
+                rmap_items=st.ksm_rmap_items if st else None,
+                profit_bytes=st.ksm_process_profit if st else None,
+                merges=p.merges,
+                merges_rate=dm / interval if interval > 0 else 0.0,
+                cow_breaks=p.cow,
+                cow_rate=dc / interval if interval > 0 else 0.0,
+                cow_estimated=self.cow_estimated,
+            ))
+        rows.sort(key=lambda r: (-(r.merging_pages or 0), -r.merges, r.pid))
+        return tuple(rows)
+
+
+def _agg(counters: dict[str, int], name: str) -> int:
+    if name == "merges":
+        return sum(counters.get(f"merges_{k}", 0) for k in
+                   ("new_ksm_page", "into_ksm_page", "zero_page"))
+    if name == "merge_failures":
+        return sum(counters.get(f"merge_failures_{k}", 0) for k in
+                   ("new_ksm_page", "into_ksm_page", "zero_page"))
+    return counters.get("cow_writes", 0) + counters.get("cow_unshares", 0)

@@ -1,15 +1,120 @@
-"""The vocabulary every layer shares: counter samples going in, immutable
-snapshots coming out. Views read snapshots only; they never touch the kernel.
+"""The vocabulary every layer shares.
+
+Going in: `Tick`s, one per interval, each holding a poll of the kernel's own
+counters (`CounterSample`), the in-kernel aggregates read from BPF maps
+(`BpfTotals`, monotonic since load) and the raw per-event records drained in
+that interval (packed `struct ksm_event`, see bpf/ksmtrace.h). A recording is
+the sequence of ticks, so replay feeds the collector exactly what live did.
+
+Coming out: an immutable `Snapshot` per interval. Views read snapshots only.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import asdict, dataclass, field
+from enum import IntEnum
 
 from ksmtrace.kernel.procfs import KsmStat, KsmVmstat
 from ksmtrace.kernel.sysfs import KsmSysfs
 
 PAGE_SIZE = 4096
+STAGES = ("searching", "merging", "counting", "updating")
+
+
+# --------------------------------------------------------------------------
+# Events: mirrors of bpf/ksmtrace.h
+
+
+class EventKind(IntEnum):
+    SCAN_START = 1
+    SCAN_STOP = 2
+    MERGE = 3
+    REMOVE_KSM_PAGE = 4
+    REMOVE_RMAP_ITEM = 5
+    KSM_ENTER = 6
+    KSM_EXIT = 7
+    COW = 8
+    WP_FAULT = 9
+    ADVISOR = 10
+    UNSHARE = 11
+
+
+EVENT_STAGE = {
+    EventKind.SCAN_START: "searching",
+    EventKind.SCAN_STOP: "searching",
+    EventKind.ADVISOR: "searching",
+    EventKind.MERGE: "merging",
+    EventKind.KSM_ENTER: "counting",
+    EventKind.KSM_EXIT: "counting",
+    EventKind.REMOVE_KSM_PAGE: "updating",
+    EventKind.REMOVE_RMAP_ITEM: "updating",
+    EventKind.COW: "updating",
+    EventKind.WP_FAULT: "updating",
+    EventKind.UNSHARE: "updating",
+}
+
+
+class MergeKind(IntEnum):
+    NEW_PAIR = 0  # the page became a new KSM page
+    INTO_KSM = 1  # the page joined an existing KSM page
+    ZERO = 2  # the page was merged with the zero page
+
+
+MERGE_KIND_NAMES = ("new_ksm_page", "into_ksm_page", "zero_page")
+
+
+class CowKind(IntEnum):
+    WRITE = 0  # a user write to a KSM page
+    UNSHARE = 1  # FAULT_FLAG_UNSHARE: break_ksm, GUP pin
+
+
+# struct ksm_event, 72 bytes, little-endian (x86_64 and arm64 hosts)
+EVENT_STRUCT = struct.Struct("<QQQQQIIiHH16s")
+EVENT_SIZE = EVENT_STRUCT.size
+assert EVENT_SIZE == 72
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    ts_ns: int
+    mm: int
+    pfn: int
+    value: int
+    aux: int
+    pid: int
+    tid: int
+    err: int
+    kind: int
+    sub: int
+    comm: str
+
+    @classmethod
+    def unpack(cls, raw: bytes | memoryview, offset: int = 0) -> Event:
+        t = EVENT_STRUCT.unpack_from(raw, offset)
+        return cls(*t[:10], t[10].split(b"\0", 1)[0].decode("utf-8", "replace"))
+
+    @property
+    def stage(self) -> str:
+        return EVENT_STAGE.get(EventKind(self.kind), "?")
+
+    @property
+    def scan_seq(self) -> int:
+        return self.aux & 0xFFFFFFFF
+
+    @property
+    def rmap_entries(self) -> int:
+        return self.aux >> 32
+
+
+def iter_events(blob: bytes | memoryview):
+    """Decode a packed run of events (fast path: struct.iter_unpack)."""
+    for t in EVENT_STRUCT.iter_unpack(blob):
+        yield Event(*t[:10], t[10].split(b"\0", 1)[0].decode("utf-8", "replace"))
+
+
+# --------------------------------------------------------------------------
+# Ticks: what a source delivers each interval
 
 
 @dataclass(frozen=True)
@@ -31,8 +136,72 @@ class CounterSample:
     processes: tuple[ProcessSample, ...] = ()
 
 
-# Counters whose per-interval change is shown as a rate, with the KSM name
-# each is shown under. Values are read from KsmSysfs / KsmVmstat.
+# Names of the BPF counter slots, in enum ksm_counter order (bpf/ksmtrace.h).
+BPF_COUNTERS = (
+    "scan_starts", "scan_rounds",
+    "merges_new_ksm_page", "merges_into_ksm_page", "merges_zero_page",
+    "merge_failures_new_ksm_page", "merge_failures_into_ksm_page",
+    "merge_failures_zero_page",
+    "ksm_pages_removed", "rmap_items_removed",
+    "mm_enters", "mm_exits",
+    "cow_writes", "cow_unshares", "wp_faults",
+    "unshares",
+    "advisor_runs",
+    "events_sent", "events_lost",
+    "owners_resolved",
+)
+HISTOGRAMS = ("scan_round_seconds", "merge_latency_seconds", "cow_latency_seconds",
+              "unshare_latency_seconds")
+
+
+@dataclass(frozen=True)
+class MmStats:
+    """struct mm_stats: one mm's figures since it was first seen (monotonic)."""
+
+    merges: tuple[int, int, int] = (0, 0, 0)  # by MergeKind
+    merge_failures: int = 0
+    cow: tuple[int, int] = (0, 0)  # by CowKind
+    wp_faults: int = 0
+    unshares: int = 0
+    rmap_removed: int = 0
+
+
+@dataclass(frozen=True)
+class BpfTotals:
+    """In-kernel aggregates, monotonic since the programs were loaded."""
+
+    counters: dict[str, int]
+    hist: dict[str, dict[int, int]]  # histogram -> log2(ns) slot -> count
+    errors: dict[str, int]  # "<merge kind>:<errno>" -> failures
+    mms: dict[int, MmStats]  # mm -> stats, for mms still alive at the read
+    exited: dict[int, MmStats]  # mm -> final stats of mms drained this tick
+    owners: dict[int, int]  # mm -> pid
+    perf_lost: int = 0  # perf buffer's own lost-sample count
+
+
+@dataclass(frozen=True)
+class ProbeStatus:
+    probe: str
+    stage: str
+    method: str | None
+    targets: tuple[str, ...]
+    attached: bool
+    estimated: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Tick:
+    seq: int
+    counters: CounterSample
+    bpf: BpfTotals | None = None
+    events: bytes = b""  # packed struct ksm_event, EVENT_SIZE each
+
+
+# --------------------------------------------------------------------------
+# Snapshots: what views read
+
+
 RATE_COUNTERS = {
     "pages_scanned": "scanned",
     "pages_skipped": "skipped",
@@ -44,25 +213,61 @@ RATE_COUNTERS = {
 
 
 @dataclass(frozen=True)
-class Snapshot:
-    """What the kernel showed over one interval, as immutable data."""
+class ProcessRow:
+    pid: int
+    comm: str
+    cgroup: str
+    mergeable: bool
+    merging_pages: int | None  # ksm_stat ksm_merging_pages
+    zero_pages: int | None
+    rmap_items: int | None
+    profit_bytes: int | None
+    merges: int  # traced successful merges, since start
+    merges_rate: float
+    cow_breaks: int  # since start (estimated on tracepoint-only kernels)
+    cow_rate: float
+    cow_estimated: bool
 
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the kernel showed over one interval, as immutable data.
+
+    `totals` are since the source started (sysfs/vmstat figures as the change
+    since the first tick, BPF figures since the programs were loaded);
+    `rates` are per second over this interval. Both use the names in
+    RATE_COUNTERS (kernel counters) and BPF_COUNTERS (traced events).
+    """
+
+    seq: int
     wall: float
     interval: float  # seconds since the previous snapshot (0 for the first)
     source: str  # "live", "sysfs-only", "replay"
     ksm: KsmSysfs
     vmstat: KsmVmstat
-    deltas: dict[str, int] = field(default_factory=dict)  # RATE_COUNTERS changes
-    rates: dict[str, float] = field(default_factory=dict)  # deltas / interval
-    processes: tuple[ProcessSample, ...] = ()
+    totals: dict[str, int] = field(default_factory=dict)
+    rates: dict[str, float] = field(default_factory=dict)
+    hist: dict[str, dict[int, int]] = field(default_factory=dict)  # since start
+    errors: dict[str, int] = field(default_factory=dict)  # "kind:errno" -> count
+    processes: tuple[ProcessRow, ...] = ()
+    probes: tuple[ProbeStatus, ...] = ()
+    traced: bool = False  # BPF figures present (live or replay of live)
+    cow_estimated: bool = False  # per-process COW split from cow_ksm by wp faults
+    lost_events: int = 0
+    events: tuple[Event, ...] = ()  # this interval's events (bounded tail)
     notes: tuple[str, ...] = ()  # what this source cannot see, and why
 
     @property
     def saved_bytes(self) -> int:
         return self.ksm.saved_pages * PAGE_SIZE
 
+    @property
+    def missed_probes(self) -> tuple[ProbeStatus, ...]:
+        return tuple(p for p in self.probes if not p.attached)
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d["saved_bytes"] = self.saved_bytes
         d["ksm"] = self.ksm.as_dict()
+        d["events"] = [asdict(e) for e in self.events]
         return d

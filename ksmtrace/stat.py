@@ -10,28 +10,37 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 
+from ksmtrace import session
 from ksmtrace.collector import Collector
-from ksmtrace.errors import NoProcess, not_root
-from ksmtrace.kernel import sysfs
+from ksmtrace.errors import not_root
 from ksmtrace.model import Snapshot
-from ksmtrace.sources import counters
 
 EPILOG = """\
 examples:
-  ksmtrace stat                     KSM counters every second until Ctrl-C
-  ksmtrace stat 5 12                every 5 s, 12 lines
-  ksmtrace stat -p 1234 -j          JSON lines, with pid 1234's ksm_stat
+  sudo ksmtrace stat                traced KSM figures every second until Ctrl-C
+  sudo ksmtrace stat 5 12           every 5 s, 12 lines
+  ksmtrace stat --sysfs-only        the kernel's counters only, no root needed
+  sudo ksmtrace stat -p 1234 -j     JSON lines, with pid 1234's figures
   sudo ksmtrace stat --demo 1 15    start a demo workload (4 processes merging,
                                     then copy-on-write storms) and watch it
 
-columns: scan/s skip/s = pages scanned/skipped by ksmd per second (sysfs);
-rounds = full scans; shared/sharing/unshared/volatile = sysfs pages_*;
-zero = ksm_zero_pages; merge/s = change of pages_shared+pages_sharing per s;
-cow/s = copy-on-write breaks of KSM pages per s (/proc/vmstat cow_ksm);
-saved = pages_sharing + ksm_zero_pages, in bytes.
+columns (kernel counters, exact):
+  run       ksmd state: 0 stopped, 1 merging, 2 unmerging
+  scan/s    pages ksmd scanned per second (sysfs pages_scanned)
+  rounds    full scans completed (sysfs full_scans)
+  shared sharing unshared volatile   sysfs pages_*
+  zero      pages merged with the zero page (ksm_zero_pages)
+  cow/s     copy-on-write breaks of KSM pages per second (/proc/vmstat cow_ksm)
+  saved     pages_sharing + ksm_zero_pages, in bytes
+columns (traced with BPF; '-' in --sysfs-only mode):
+  merge/s   successful merges traced per second, all kinds
+  fail/s    failed merge attempts per second
+  rm/s      stable-node (KSM page) removals per second
+  lost      events lost since start (always 0 unless the event stream overflowed)
 """
 
 
@@ -40,26 +49,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "stat",
         help="one line of KSM figures per interval (vmstat-like)",
         description="Print KSM's figures once per interval: scanning, merging, sharing, "
-        "copy-on-write breaks.",
+        "copy-on-write breaks. Kernel counters are exact; traced figures come from BPF.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("interval", nargs="?", type=float, default=1.0, help="seconds (default 1)")
-    p.add_argument(
-        "count", nargs="?", type=int, default=0, help="lines to print (default: until Ctrl-C)"
-    )
-    p.add_argument(
-        "-p", "--pid", type=int, action="append", help="also show this process (repeatable)"
-    )
+    p.add_argument("count", nargs="?", type=int, default=0,
+                   help="lines to print (default: until Ctrl-C)")
     p.add_argument("-j", "--json", action="store_true", help="one JSON object per interval")
-    p.add_argument(
-        "--sysfs-only", action="store_true", help="counters only, no BPF (works without root)"
-    )
-    p.add_argument(
-        "--demo",
-        action="store_true",
-        help="run the demo workload while printing (root; restores every knob)",
-    )
+    p.add_argument("--demo", action="store_true",
+                   help="run the demo workload while printing (root; restores every knob)")
+    session.add_source_options(p)
     p.set_defaults(func=run)
 
 
@@ -71,11 +71,13 @@ def human(n: float) -> str:
     return str(n)
 
 
-HEADER = (
-    f"{'time':>8} {'run':>3} {'scan/s':>9} {'skip/s':>8} {'rounds':>6} {'shared':>8} "
-    f"{'sharing':>8} {'unshared':>8} {'volatile':>8} {'zero':>7} {'merge/s':>8} "
-    f"{'cow/s':>7} {'saved':>8}"
-)
+HEADER = (f"{'time':>8} {'run':>3} {'scan/s':>9} {'rounds':>6} {'shared':>7} {'sharing':>8} "
+          f"{'unshared':>8} {'volatile':>8} {'zero':>6} {'merge/s':>8} {'fail/s':>6} "
+          f"{'cow/s':>7} {'rm/s':>6} {'saved':>8} {'lost':>5}")
+
+
+def _opt(v: object) -> str:
+    return "-" if v is None else str(v)
 
 
 def format_line(s: Snapshot) -> str:
@@ -84,58 +86,68 @@ def format_line(s: Snapshot) -> str:
     def rate(name: str) -> str:
         return f"{r[name]:.0f}" if name in r else "-"
 
-    line = (
-        f"{time.strftime('%H:%M:%S', time.localtime(s.wall)):>8} {k.run!s:>3} "
-        f"{rate('pages_scanned'):>9} {rate('pages_skipped'):>8} {k.full_scans!s:>6} "
-        f"{k.pages_shared!s:>8} {k.pages_sharing!s:>8} {k.pages_unshared!s:>8} "
-        f"{k.pages_volatile!s:>8} {k.ksm_zero_pages if k.ksm_zero_pages is not None else '-'!s:>7} "
-        f"{rate('merged_pages'):>8} {rate('cow_ksm'):>7} {human(s.saved_bytes):>8}"
-    )
+    line = (f"{time.strftime('%H:%M:%S', time.localtime(s.wall)):>8} {_opt(k.run):>3} "
+            f"{rate('pages_scanned'):>9} {_opt(k.full_scans):>6} {_opt(k.pages_shared):>7} "
+            f"{_opt(k.pages_sharing):>8} {_opt(k.pages_unshared):>8} "
+            f"{_opt(k.pages_volatile):>8} {_opt(k.ksm_zero_pages):>6} "
+            f"{rate('merges'):>8} {rate('merge_failures'):>6} {rate('cow_ksm'):>7} "
+            f"{rate('ksm_pages_removed'):>6} {human(s.saved_bytes):>8} "
+            f"{s.lost_events if s.traced else '-':>5}")
     for p in s.processes:
-        st = p.stat
-        line += (
-            f"\n{'':8} pid {p.pid} {p.comm}: merging={st.ksm_merging_pages} "
-            f"rmap_items={st.ksm_rmap_items} zero={st.ksm_zero_pages} "
-            f"profit={human(st.ksm_process_profit or 0)}"
-        )
+        est = " (estimated)" if p.cow_estimated else ""
+        line += (f"\n{'':9}pid {p.pid} {p.comm}: merging={_opt(p.merging_pages)} "
+                 f"merges={p.merges} cow={p.cow_breaks}{est} "
+                 f"profit={human(p.profit_bytes or 0)}")
     return line
 
 
 @contextlib.contextmanager
-def _demo() -> Iterator[list[int]]:
-    from ksmtrace import workload
+def demo() -> Iterator[list[int]]:
+    from ksmtrace.demo import demo as run_demo
 
     if os.geteuid() != 0:
         raise not_root("--demo (it drives ksmd's knobs)")
-    with workload.demo() as pids:
+    with run_demo() as pids:
         yield pids
+
+
+def header_lines(src, snap: Snapshot) -> list[str]:
+    lines = [f"# source: {src.kind}"]
+    lines += [f"# {line}" for line in session.describe_probes(snap.probes)]
+    if snap.cow_estimated:
+        lines.append("# cow per process is ESTIMATED: the exact global cow_ksm delta split "
+                     "by write-protect faults (no kprobe/fentry on do_wp_page here)")
+    lines += [f"# {n}" for n in snap.notes]
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
     if args.interval <= 0:
-        raise SystemExit("ksmtrace stat: interval must be > 0")
-    for pid in args.pid or []:
-        if not os.path.exists(f"/proc/{pid}"):
-            raise NoProcess(f"no process {pid}", "check the pid with `ps` or `pgrep`")
-    sysfs.read_sysfs()  # fails early and clearly on a kernel without KSM
-    collector = Collector("sysfs-only")
-    demo = _demo() if args.demo else contextlib.nullcontext([])
-    with demo as demo_pids:
-        pids = (args.pid or []) + list(demo_pids)
-        collector.add_sample(counters.sample(pids=pids or None, all_processes=False))
-        printed = 0
-        if not args.json:
-            print(HEADER, flush=True)
-        next_t = time.monotonic()
-        while not args.count or printed < args.count:
-            next_t += args.interval
-            time.sleep(max(0.0, next_t - time.monotonic()))
-            snap = collector.add_sample(counters.sample(pids=pids or None, all_processes=False))
-            if args.json:
-                print(json.dumps(snap.as_dict(), default=str), flush=True)
-            else:
-                if printed and printed % 20 == 0:
-                    print(HEADER)
-                print(format_line(snap), flush=True)
-            printed += 1
+        print("ksmtrace stat: interval must be > 0", file=sys.stderr)
+        return 2
+    src = session.open_source(args)
+    with src:  # attach first, so the demo's first merges are traced too
+        session.enforce_strict(args, src.probes)
+        demo_ctx = demo() if args.demo else contextlib.nullcontext([])
+        with demo_ctx as demo_pids:
+            if demo_pids and args.pid is None:
+                src.pids = list(demo_pids)
+            col = Collector(src.kind, src.probes, src.notes, src.cow_estimated)
+            printed = 0
+            for tick in src.ticks(args.interval, args.count):
+                snap = col.add_tick(tick)
+                if tick.seq == 1:
+                    if not args.json:
+                        print("\n".join(header_lines(src, snap)), flush=True)
+                        print(HEADER, flush=True)
+                    continue
+                if args.json:
+                    d = snap.as_dict()
+                    d.pop("events", None)
+                    print(json.dumps(d, default=str), flush=True)
+                else:
+                    if printed and printed % 20 == 0:
+                        print(HEADER)
+                    print(format_line(snap), flush=True)
+                printed += 1
     return 0

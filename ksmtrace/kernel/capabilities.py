@@ -32,7 +32,7 @@ KSM_TRACEPOINTS = (
     "ksm_remove_rmap_item",
     "ksm_advisor",
 )
-OTHER_TRACEPOINTS = ("exceptions:page_fault_user",)
+OTHER_TRACEPOINTS = ("exceptions:page_fault_user", "mmap_lock:mmap_lock_start_locking")
 
 # Kernel functions on KSM's paths, in the order doctor shows them.
 KSM_FUNCTIONS = (
@@ -82,6 +82,7 @@ class Facts:
     fentry: Trial
     tracepoint: Trial
     ringbuf: Trial
+    layout: dict[str, int] = field(default_factory=dict)  # BTF offsets, see symbols
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -105,6 +106,7 @@ class Candidate:
     targets: tuple[str, ...]  # functions or "category:event" tracepoints or sysfs/procfs files
     exit_probe: bool = False  # fexit/kretprobe too: gives latency and return value
     estimated: bool = False  # a labelled substitute, not a direct observation
+    needs: tuple[str, ...] = ()  # BTF layout facts the program reads ("x86_64": PTE format)
 
 
 @dataclass(frozen=True)
@@ -115,11 +117,16 @@ class ProbeSpec:
     candidates: tuple[Candidate, ...]
 
 
-def _fn(name: str, exit_probe: bool = False) -> tuple[Candidate, Candidate]:
+def _fn(*names: str, exit_probe: bool = False, needs: tuple[str, ...] = ()
+        ) -> tuple[Candidate, Candidate]:
     return (
-        Candidate("fentry", (name,), exit_probe),
-        Candidate("kprobe", (name,), exit_probe),
+        Candidate("fentry", names, exit_probe, needs=needs),
+        Candidate("kprobe", names, exit_probe, needs=needs),
     )
+
+
+COW_NEEDS = ("x86_64", "vm_fault.vma", "vm_fault.flags", "vm_fault.page", "vm_fault.orig_pte",
+             "vm_area_struct.vm_mm", "page.mapping", "page.@size", "FAULT_FLAG_UNSHARE")
 
 
 PROBES: tuple[ProbeSpec, ...] = (
@@ -147,20 +154,14 @@ PROBES: tuple[ProbeSpec, ...] = (
     ProbeSpec(
         "merges",
         "merging",
-        "every merge attempt: kind, result, process, pfn",
+        "every merge attempt: kind (new KSM page, into a KSM page, zero page), result, "
+        "process, pfn",
         (
-            *_fn("try_to_merge_one_page", exit_probe=True),
+            # try_to_merge_with_ksm_page tells a zero-page merge from the others
+            *_fn("try_to_merge_one_page", "try_to_merge_with_ksm_page", exit_probe=True,
+                 needs=("vm_area_struct.vm_mm", "page.@size")),
             Candidate("tracepoint", ("ksm:ksm_merge_with_ksm_page", "ksm:ksm_merge_one_page")),
             Candidate("polling", ("sysfs:pages_shared", "sysfs:pages_sharing")),
-        ),
-    ),
-    ProbeSpec(
-        "merge_into_ksm_page",
-        "merging",
-        "merges into an existing KSM page (try_to_merge_with_ksm_page)",
-        (
-            *_fn("try_to_merge_with_ksm_page", exit_probe=True),
-            Candidate("tracepoint", ("ksm:ksm_merge_with_ksm_page",)),
         ),
     ),
     ProbeSpec(
@@ -174,7 +175,11 @@ PROBES: tuple[ProbeSpec, ...] = (
         "counting",
         "which process each merged page belongs to (mm -> pid)",
         (
-            Candidate("tracepoint", ("ksm:ksm_enter", "ksm:ksm_exit")),
+            Candidate("tracepoint", ("ksm:ksm_enter", "ksm:ksm_exit",
+                                     "mmap_lock:mmap_lock_start_locking"),
+                      needs=("task_struct.mm",)),
+            Candidate("tracepoint", ("mmap_lock:mmap_lock_start_locking",),
+                      needs=("task_struct.mm",)),
             Candidate("polling", ("procfs:<pid>/ksm_stat",)),
         ),
     ),
@@ -183,9 +188,10 @@ PROBES: tuple[ProbeSpec, ...] = (
         "updating",
         "copy-on-write breaks of KSM pages, per process, write vs unshare",
         (
-            *_fn("do_wp_page", exit_probe=True),
+            *_fn("do_wp_page", exit_probe=True, needs=COW_NEEDS),
             Candidate(
-                "tracepoint", ("exceptions:page_fault_user", "vmstat:cow_ksm"), estimated=True
+                "tracepoint", ("exceptions:page_fault_user", "vmstat:cow_ksm"), estimated=True,
+                needs=("task_struct.mm",),
             ),
             Candidate("polling", ("vmstat:cow_ksm",)),
         ),
@@ -255,6 +261,12 @@ class Plan:
 
 def _why_not(c: Candidate, f: Facts) -> str | None:
     """None when candidate `c` is viable on a kernel with facts `f`, else why not."""
+    for need in c.needs:
+        if need == "x86_64":
+            if f.machine != "x86_64":
+                return f"reads x86_64 page-table entries; this machine is {f.machine}"
+        elif need not in f.layout:
+            return f"BTF does not give {need} (struct layouts are never taken from headers)"
     if c.method == "polling":
         if not f.ksm:
             return "no KSM sysfs"
@@ -272,19 +284,20 @@ def _why_not(c: Candidate, f: Facts) -> str | None:
         if f.tracepoint.ok is None:
             return f"tracepoint attach not proven: {f.tracepoint.detail}"
         return None
-    fn = c.targets[0]
     if c.method == "fentry":
         if not f.btf:
             return "no BTF (/sys/kernel/btf/vmlinux): fentry needs it"
-        if not f.btf_funcs.get(fn, False):
-            inl = " (inlined)" if not f.kallsyms.get(fn, False) else ""
-            return f"{fn} has no BTF FUNC record{inl}"
+        for fn in c.targets:
+            if not f.btf_funcs.get(fn, False):
+                inl = " (inlined)" if not f.kallsyms.get(fn, False) else ""
+                return f"{fn} has no BTF FUNC record{inl}"
         if not f.fentry.ok:
             return "fentry is not usable on this kernel (see the fentry trial)"
         return None
     if c.method == "kprobe":
-        if not f.kallsyms.get(fn, False):
-            return f"{fn} not in kallsyms (inlined or absent)"
+        for fn in c.targets:
+            if not f.kallsyms.get(fn, False):
+                return f"{fn} not in kallsyms (inlined or absent)"
         if not f.kprobe.ok:
             return "kprobes are not usable on this kernel (see the kprobe trial)"
         return None
@@ -493,6 +506,7 @@ def probe_host(
         fentry=fe,
         tracepoint=tp,
         ringbuf=rb,
+        layout=symbols.btf_layout(root),
     )
 
 

@@ -83,9 +83,11 @@ BTF_KIND_ENUM = 6
 _MODIFIERS = (8, 9, 10, 11, 18)  # typedef, volatile, const, restrict, type_tag
 
 
-def parse_btf_layout(data: bytes, fields: set[str], enums: set[str] = frozenset()) -> dict[str, int]:
-    """Byte offsets of struct members ("vm_fault.vma", "page.mapping") and
-    values of enumerators ("FAULT_FLAG_UNSHARE"), read from BTF.
+def parse_btf_layout(
+    data: bytes, fields: set[str], enums: set[str] | frozenset[str] = frozenset()
+) -> dict[str, int]:
+    """Byte offsets of struct members ("vm_fault.vma", "page.mapping"), struct
+    sizes ("page.@size") and enumerator values ("FAULT_FLAG_UNSHARE"), from BTF.
 
     BPF programs that read kernel structs get these as -D flags, so they never
     depend on the (possibly mismatched) headers bcc compiles against. Members
@@ -137,7 +139,31 @@ def parse_btf_layout(data: bytes, fields: set[str], enums: set[str] = frozenset(
             if table[t][0] in (BTF_KIND_STRUCT, BTF_KIND_UNION):
                 members(t, base + bit // 8, prefix)
 
-    for tid, (kind, name_off, _info, _body, _s) in enumerate(table):
+    for tid, (kind, name_off, _info, _body, size) in enumerate(table):
         if kind == BTF_KIND_STRUCT and name_off and name(name_off) in wanted_structs:
             members(tid, 0, name(name_off))
+            out.setdefault(f"{name(name_off)}.@size", size)
     return {k: v for k, v in out.items() if k in fields or k in enums}
+
+
+# What the BPF programs read from kernel structs (bpf/ksmtrace.bpf.c OFF_*).
+LAYOUT_FIELDS = {
+    "task_struct.mm",
+    "vm_area_struct.vm_mm",
+    "vm_fault.vma",
+    "vm_fault.flags",
+    "vm_fault.page",
+    "vm_fault.orig_pte",
+    "page.mapping",
+    "page.@size",
+}
+LAYOUT_ENUMS = {"FAULT_FLAG_UNSHARE"}
+
+
+def btf_layout(root: str | os.PathLike = "/") -> dict[str, int]:
+    """The struct layout facts the BPF programs need, from this kernel's BTF."""
+    try:
+        data = btf_path(root).read_bytes()
+    except OSError:
+        return {}
+    return parse_btf_layout(data, LAYOUT_FIELDS, LAYOUT_ENUMS)

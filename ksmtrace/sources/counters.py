@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 
 from ksmtrace.kernel import procfs, sysfs
-from ksmtrace.model import CounterSample, ProcessSample
+from ksmtrace.model import CounterSample, ProcessSample, Tick
 
 
 def sample(
@@ -38,3 +39,47 @@ def sample(
     elif all_processes:
         procs = [ProcessSample(p.pid, p.comm, p.cgroup, p.stat) for p in procfs.ksm_processes(root)]
     return CounterSample(mono, wall, ksm, vm, tuple(procs))
+
+
+SYSFS_ONLY_NOTES = (
+    "sysfs-only: no BPF; figures are the kernel's counters polled each interval",
+    "not seen: individual merges (kinds, errno, pfn), merge latency, scan-round "
+    "durations, per-process merges and COW breaks, unmerges",
+)
+
+
+class SysfsSource:
+    """Counter polling as a source: works without root and without BPF."""
+
+    kind = "sysfs-only"
+    probes: tuple = ()
+    cow_estimated = False
+    notes = SYSFS_ONLY_NOTES
+
+    def __init__(self, root: str | os.PathLike = "/", pids: list[int] | None = None):
+        self.root = root
+        self.pids = pids
+        self._seq = 0
+        if os.geteuid() != 0:
+            self.notes = self.notes + (
+                "not root: ksm_stat of other users' processes is not readable",)
+
+    def __enter__(self) -> SysfsSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def tick(self) -> Tick:
+        self._seq += 1
+        return Tick(self._seq, sample(self.root, pids=self.pids))
+
+    def ticks(self, interval: float, count: int = 0) -> Iterator[Tick]:
+        yield self.tick()
+        n = 0
+        deadline = time.monotonic()
+        while not count or n < count:
+            deadline += interval
+            time.sleep(max(0.0, deadline - time.monotonic()))
+            yield self.tick()
+            n += 1

@@ -1,0 +1,547 @@
+/* ksmtrace BPF programs: one compilation unit whose parts are switched on by
+ * cflags from the attach plan (ksmtrace/kernel/capabilities.py decides, the
+ * loader passes -D flags; nothing here is templated by string replacement).
+ *
+ *   -DSCAN_TP        ksm:ksm_start_scan / ksm_stop_scan     (searching)
+ *   -DMERGE_TP       ksm:ksm_merge_with_ksm_page / _one_page (merging)
+ *   -DMERGE_FN=1|2   try_to_merge_one_page + _with_ksm_page, 1 fentry 2 kprobe
+ *   -DMM_TP          ksm:ksm_enter / ksm_exit               (counting)
+ *   -DREMOVE_TP      ksm:ksm_remove_ksm_page / _rmap_item    (updating)
+ *   -DCOW_FN=1|2     do_wp_page entry+exit, 1 fentry 2 kprobe (updating)
+ *   -DCOW_EST        exceptions:page_fault_user write-protect faults
+ *   -DUNSHARE_FN=1|2 break_ksm entry+exit
+ *   -DADVISOR_TP     ksm:ksm_advisor
+ *   -DRESOLVER       mmap_lock:mmap_lock_start_locking mm -> pid resolver
+ *   -DSTREAM=0|1|2   per-event stream: none, ring buffer, perf buffer
+ *   -DOFF_*          struct member offsets read from BTF, never from headers
+ */
+#include <uapi/linux/ptrace.h>
+#include "ksmtrace.h"
+
+#ifndef STREAM
+#define STREAM 0
+#endif
+#ifndef MAX_MMS
+#define MAX_MMS 65536
+#endif
+
+BPF_PERCPU_ARRAY(counters, u64, C_NR);
+BPF_HASH(hist, struct hist_key, u64, 4 * HIST_SLOTS);
+BPF_HASH(errors, struct err_key, u64, 1024);
+BPF_TABLE("lru_hash", u64, struct mm_stats, mm_stats, MAX_MMS);
+BPF_TABLE("lru_hash", u64, struct owner, owners, MAX_MMS);
+BPF_ARRAY(scan_start_ns, u64, 1);
+/* struct page * of pfn 0 (vmemmap_base on x86_64, randomised by KASLR and not
+ * in kallsyms without CONFIG_KALLSYMS_ALL): learnt from the first do_wp_page
+ * that had both a PTE and a page; user space provokes one at start. */
+BPF_ARRAY(page_base, u64, 1);
+
+static __always_inline u64 page_base_addr(void)
+{
+	int zero = 0;
+	u64 *b = page_base.lookup(&zero);
+	return b ? *b : 0;
+}
+
+#if STREAM == 1
+BPF_RINGBUF_OUTPUT(events, 1 << 8);	/* 256 pages = 1 MiB */
+#elif STREAM == 2
+BPF_PERF_OUTPUT(events);
+#endif
+
+static __always_inline void count(int idx)
+{
+	u64 *v = counters.lookup(&idx);
+	if (v)
+		(*v)++;	/* per-CPU slot: no atomics needed */
+}
+
+static __always_inline u32 log2l(u64 v)
+{
+	u32 r = 0;
+	#pragma unroll
+	for (int i = 32; i > 0; i >>= 1) {
+		if (v >= (1ULL << i)) {
+			v >>= i;
+			r += i;
+		}
+	}
+	return r;
+}
+
+static __always_inline void hist_add(u32 which, u64 ns)
+{
+	struct hist_key k = { .which = which, .slot = log2l(ns) };
+	if (k.slot >= HIST_SLOTS)
+		k.slot = HIST_SLOTS - 1;
+	u64 zero = 0, *v = hist.lookup_or_try_init(&k, &zero);
+	if (v)
+		__sync_fetch_and_add(v, 1);
+}
+
+static __always_inline struct mm_stats *mm_get(u64 mm)
+{
+	struct mm_stats zero = {};
+	return mm_stats.lookup_or_try_init(&mm, &zero);
+}
+
+static __always_inline u32 owner_pid(u64 mm)
+{
+	struct owner *o = owners.lookup(&mm);
+	return o ? o->pid : 0;
+}
+
+#ifdef OFF_TASK_MM
+static __always_inline u64 current_mm(void)
+{
+	u64 mm = 0;
+	struct task_struct *t = (struct task_struct *)bpf_get_current_task();
+	bpf_probe_read_kernel(&mm, sizeof(mm), (void *)t + OFF_TASK_MM);
+	return mm;
+}
+#endif
+
+static __always_inline void emit(void *ctx, u16 kind, u16 sub, u64 mm, u64 pfn, u64 value,
+				 u64 aux, s32 err, u32 pid)
+{
+#if STREAM
+	struct ksm_event e = {};
+	u64 id = bpf_get_current_pid_tgid();
+	e.ts_ns = bpf_ktime_get_ns();
+	e.mm = mm;
+	e.pfn = pfn;
+	e.value = value;
+	e.aux = aux;
+	e.pid = pid;
+	e.tid = (u32)id;
+	e.err = err;
+	e.kind = kind;
+	e.sub = sub;
+	bpf_get_current_comm(&e.comm, sizeof(e.comm));
+#if STREAM == 1
+	if (events.ringbuf_output(&e, sizeof(e), 0) == 0)
+		count(C_EVENTS_SENT);
+	else
+		count(C_EVENTS_LOST);
+#else
+	if (events.perf_submit(ctx, &e, sizeof(e)) == 0)
+		count(C_EVENTS_SENT);
+	else
+		count(C_EVENTS_LOST);
+#endif
+#endif
+}
+
+/* A merge attempt, whichever probe saw it. */
+static __always_inline void on_merge(void *ctx, u16 kind, u64 mm, u64 pfn, s32 err, u64 latency)
+{
+	if (err == 0) {
+		count(C_MERGE_OK_NEW + kind);
+		struct mm_stats *s = mm_get(mm);
+		if (s && kind < 3)
+			__sync_fetch_and_add(&s->merges[kind], 1);
+	} else {
+		count(C_MERGE_FAIL_NEW + kind);
+		struct err_key k = { .kind = kind, .err = err };
+		u64 zero = 0, *v = errors.lookup_or_try_init(&k, &zero);
+		if (v)
+			__sync_fetch_and_add(v, 1);
+		struct mm_stats *s = mm_get(mm);
+		if (s)
+			__sync_fetch_and_add(&s->merge_failures, 1);
+	}
+	if (latency)
+		hist_add(H_MERGE_LATENCY, latency);
+	emit(ctx, EV_MERGE, kind, mm, pfn, latency, 0, err, owner_pid(mm));
+}
+
+/* ---------------------------------------------------------------- searching */
+#ifdef SCAN_TP
+TRACEPOINT_PROBE(ksm, ksm_start_scan)
+{
+	int zero = 0;
+	u64 now = bpf_ktime_get_ns();
+	scan_start_ns.update(&zero, &now);
+	count(C_SCAN_START);
+	emit(args, EV_SCAN_START, 0, 0, 0, 0, (u32)args->seq | ((u64)args->rmap_entries << 32), 0, 0);
+	return 0;
+}
+
+TRACEPOINT_PROBE(ksm, ksm_stop_scan)
+{
+	int zero = 0;
+	u64 dur = 0, *start = scan_start_ns.lookup(&zero);
+	if (start && *start)
+		dur = bpf_ktime_get_ns() - *start;
+	count(C_SCAN_STOP);
+	if (dur)
+		hist_add(H_SCAN_ROUND, dur);
+	emit(args, EV_SCAN_STOP, 0, 0, 0, dur, (u32)args->seq | ((u64)args->rmap_entries << 32), 0, 0);
+	return 0;
+}
+#endif
+
+#ifdef ADVISOR_TP
+TRACEPOINT_PROBE(ksm, ksm_advisor)
+{
+	count(C_ADVISOR);
+	emit(args, EV_ADVISOR, args->cpu_percent, 0, 0, args->scan_time, args->pages_to_scan, 0, 0);
+	return 0;
+}
+#endif
+
+/* ------------------------------------------------------------------ merging */
+#ifdef MERGE_TP
+/* One event per page merged (measured: 200,000 pages -> 200,000 events).
+ * ksm_page NULL: the page becomes a new KSM page; else it joins one. */
+TRACEPOINT_PROBE(ksm, ksm_merge_with_ksm_page)
+{
+	u16 kind = args->ksm_page ? MERGE_INTO_KSM : MERGE_NEW_PAIR;
+	on_merge(args, kind, (u64)args->mm, args->pfn, args->err, 0);
+	return 0;
+}
+
+/* Fires only for merges with the zero page (use_zero_pages=1). */
+TRACEPOINT_PROBE(ksm, ksm_merge_one_page)
+{
+	on_merge(args, MERGE_ZERO, (u64)args->mm, args->pfn, args->err, 0);
+	return 0;
+}
+#endif
+
+#ifdef MERGE_FN
+/* try_to_merge_one_page(vma, page, kpage) is called by
+ * try_to_merge_with_ksm_page() for normal merges and directly by
+ * cmp_and_merge_page() for zero-page merges: a per-thread flag set while
+ * inside the former tells them apart without comparing page pointers. */
+struct merge_call { u64 ts; u64 mm; u64 page; u16 kind; };
+BPF_HASH(merge_calls, u32, struct merge_call, 1024);
+BPF_HASH(in_with_ksm, u32, u8, 1024);
+
+static __always_inline void merge_enter(void *vma, void *page, void *kpage)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct merge_call c = { .ts = bpf_ktime_get_ns(), .page = (u64)page };
+	bpf_probe_read_kernel(&c.mm, sizeof(c.mm), vma + OFF_VMA_MM);
+	if (in_with_ksm.lookup(&tid))
+		c.kind = kpage ? MERGE_INTO_KSM : MERGE_NEW_PAIR;
+	else
+		c.kind = MERGE_ZERO;
+	merge_calls.update(&tid, &c);
+}
+
+static __always_inline void merge_exit(void *ctx, int ret)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct merge_call *c = merge_calls.lookup(&tid);
+	if (!c)
+		return;	/* entered before we attached */
+	u64 pfn = 0, base = page_base_addr();
+	if (base && c->page >= base)
+		pfn = (c->page - base) / STRUCT_PAGE_SIZE;
+	on_merge(ctx, c->kind, c->mm, pfn, ret, bpf_ktime_get_ns() - c->ts);
+	merge_calls.delete(&tid);
+}
+
+static __always_inline void with_ksm_enter(void)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	u8 one = 1;
+	in_with_ksm.update(&tid, &one);
+}
+
+static __always_inline void with_ksm_exit(void)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	in_with_ksm.delete(&tid);
+}
+
+#if MERGE_FN == 1
+KFUNC_PROBE(try_to_merge_one_page, void *vma, void *page, void *kpage)
+{
+	merge_enter(vma, page, kpage);
+	return 0;
+}
+KRETFUNC_PROBE(try_to_merge_one_page, void *vma, void *page, void *kpage, int ret)
+{
+	merge_exit(ctx, ret);
+	return 0;
+}
+KFUNC_PROBE(try_to_merge_with_ksm_page, void *rmap_item, void *page, void *kpage)
+{
+	with_ksm_enter();
+	return 0;
+}
+KRETFUNC_PROBE(try_to_merge_with_ksm_page, void *rmap_item, void *page, void *kpage, int ret)
+{
+	with_ksm_exit();
+	return 0;
+}
+#else
+int kp_merge_one(struct pt_regs *ctx)
+{
+	merge_enter((void *)PT_REGS_PARM1(ctx), (void *)PT_REGS_PARM2(ctx),
+		    (void *)PT_REGS_PARM3(ctx));
+	return 0;
+}
+int kr_merge_one(struct pt_regs *ctx)
+{
+	merge_exit(ctx, (int)PT_REGS_RC(ctx));
+	return 0;
+}
+int kp_with_ksm(struct pt_regs *ctx)
+{
+	with_ksm_enter();
+	return 0;
+}
+int kr_with_ksm(struct pt_regs *ctx)
+{
+	with_ksm_exit();
+	return 0;
+}
+#endif
+#endif
+
+/* ----------------------------------------------------------------- counting */
+#ifdef MM_TP
+/* ksm_enter fires in the registering task (madvise/prctl), or in the parent
+ * during fork (ksm_fork): only the first names the owner. */
+TRACEPOINT_PROBE(ksm, ksm_enter)
+{
+	u64 mm = (u64)args->mm;
+	count(C_KSM_ENTER);
+	mm_get(mm);
+	u32 pid = 0;
+#ifdef OFF_TASK_MM
+	if (current_mm() == mm) {
+		struct owner o = { .pid = bpf_get_current_pid_tgid() >> 32 };
+		bpf_get_current_comm(&o.comm, sizeof(o.comm));
+		owners.update(&mm, &o);
+		pid = o.pid;
+	}
+#endif
+	emit(args, EV_KSM_ENTER, 0, mm, 0, 0, 0, 0, pid);
+	return 0;
+}
+
+TRACEPOINT_PROBE(ksm, ksm_exit)
+{
+	u64 mm = (u64)args->mm;
+	count(C_KSM_EXIT);
+	emit(args, EV_KSM_EXIT, 0, mm, 0, 0, 0, 0, owner_pid(mm));
+	return 0;
+}
+#endif
+
+#ifdef RESOLVER
+/* mm -> pid for processes that registered before we attached. User space
+ * arms `resolve` with its own thread id and a pid, then reads
+ * /proc/<pid>/smaps_rollup, which takes that mm's mmap lock in this thread:
+ * the mm the tracepoint reports is the pid's (our own mm is skipped). */
+struct resolve_req { u32 tid; u32 pid; };
+BPF_ARRAY(resolve, struct resolve_req, 1);
+
+TRACEPOINT_PROBE(mmap_lock, mmap_lock_start_locking)
+{
+	int zero = 0;
+	struct resolve_req *r = resolve.lookup(&zero);
+	if (!r || !r->tid || r->tid != (u32)bpf_get_current_pid_tgid())
+		return 0;
+	u64 mm = (u64)args->mm;
+	if (mm == current_mm())
+		return 0;
+	struct owner o = { .pid = r->pid };
+	owners.update(&mm, &o);
+	count(C_OWNER_RESOLVED);
+	return 0;
+}
+#endif
+
+/* ----------------------------------------------------------------- updating */
+#ifdef REMOVE_TP
+TRACEPOINT_PROBE(ksm, ksm_remove_ksm_page)
+{
+	count(C_REMOVE_KSM_PAGE);
+	emit(args, EV_REMOVE_KSM_PAGE, 0, 0, args->pfn, 0, 0, 0, 0);
+	return 0;
+}
+
+TRACEPOINT_PROBE(ksm, ksm_remove_rmap_item)
+{
+	u64 mm = (u64)args->mm;
+	count(C_REMOVE_RMAP_ITEM);
+	struct mm_stats *s = mm_stats.lookup(&mm);
+	if (s)
+		__sync_fetch_and_add(&s->rmap_removed, 1);
+	emit(args, EV_REMOVE_RMAP_ITEM, 0, mm, args->pfn, 0, 0, 0, owner_pid(mm));
+	return 0;
+}
+#endif
+
+#ifdef COW_EST
+/* Tracepoint-only kernels: no probe sees a KSM copy-on-write. Count user
+ * write-protect faults (error_code & (PF_PROT|PF_WRITE)) in mms KSM knows;
+ * user space splits the exact global cow_ksm delta by these. Estimated. */
+TRACEPOINT_PROBE(exceptions, page_fault_user)
+{
+	if ((args->error_code & 3) != 3)
+		return 0;
+	u64 mm = current_mm();
+	struct mm_stats *s = mm_stats.lookup(&mm);
+	if (!s)
+		return 0;
+	__sync_fetch_and_add(&s->wp_faults, 1);
+	count(C_WP_FAULT);
+	return 0;
+}
+#endif
+
+#ifdef COW_FN
+/* do_wp_page(vmf): at entry the faulting PTE (vmf->orig_pte) still maps the
+ * page; its struct page tells whether it is a KSM page (PAGE_MAPPING_KSM in
+ * page->mapping). The kernel copies every KSM page it reaches here and
+ * counts COW_KSM, which is what we count, per process, with latency. */
+struct cow_call { u64 ts; u64 mm; u64 pfn; u64 vmf; u16 sub; u8 ksm; };
+BPF_HASH(cow_calls, u32, struct cow_call, 4096);
+
+static __always_inline u8 page_is_ksm(u64 page)
+{
+	u64 mapping = 0;
+	bpf_probe_read_kernel(&mapping, sizeof(mapping), (void *)page + OFF_PAGE_MAPPING);
+	return (mapping & 3) == 3;	/* PAGE_MAPPING_KSM */
+}
+
+static __always_inline void cow_enter(void *vmf)
+{
+	u64 pte = 0, vma = 0, mm = 0, base = page_base_addr();
+	u32 flags = 0;
+	bpf_probe_read_kernel(&pte, sizeof(pte), vmf + OFF_VMF_ORIG_PTE);
+	if (!(pte & 1))	/* _PAGE_PRESENT */
+		return;
+	struct cow_call c = { .pfn = (pte & 0x000ffffffffff000ULL) >> 12, .vmf = (u64)vmf };
+	if (base) {
+		/* decide now, while the PTE still maps the page */
+		if (!page_is_ksm(base + c.pfn * STRUCT_PAGE_SIZE))
+			return;
+		c.ksm = 1;
+	}
+	bpf_probe_read_kernel(&vma, sizeof(vma), vmf + OFF_VMF_VMA);
+	bpf_probe_read_kernel(&mm, sizeof(mm), (void *)vma + OFF_VMA_MM);
+	bpf_probe_read_kernel(&flags, sizeof(flags), vmf + OFF_VMF_FLAGS);
+	c.ts = bpf_ktime_get_ns();
+	c.mm = mm;
+	c.sub = (flags & FAULT_FLAG_UNSHARE) ? COW_UNSHARE : COW_WRITE;
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	cow_calls.update(&tid, &c);
+}
+
+static __always_inline void cow_exit(void *ctx)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct cow_call *c = cow_calls.lookup(&tid);
+	if (!c)
+		return;
+	u64 lat = bpf_ktime_get_ns() - c->ts;
+	if (!c->ksm) {
+		/* vmemmap base not known yet: learn it from vmf->page, set by
+		 * do_wp_page itself, and classify by it */
+		u64 page = 0;
+		int zero = 0;
+		bpf_probe_read_kernel(&page, sizeof(page), (void *)c->vmf + OFF_VMF_PAGE);
+		if (page) {
+			u64 base = page - c->pfn * STRUCT_PAGE_SIZE;
+			page_base.update(&zero, &base);
+		}
+		if (!page || !page_is_ksm(page)) {
+			cow_calls.delete(&tid);
+			return;
+		}
+	}
+	count(C_COW_WRITE + c->sub);
+	hist_add(H_COW_LATENCY, lat);
+	struct mm_stats *s = mm_get(c->mm);
+	if (s)
+		__sync_fetch_and_add(&s->cow[c->sub & 1], 1);
+	u32 pid = bpf_get_current_pid_tgid() >> 32;
+	if (c->mm && !owners.lookup(&c->mm)) {	/* the faulting task owns the mm */
+		struct owner o = { .pid = pid };
+		bpf_get_current_comm(&o.comm, sizeof(o.comm));
+		owners.update(&c->mm, &o);
+	}
+	emit(ctx, EV_COW, c->sub, c->mm, c->pfn, lat, 0, 0, pid);
+	cow_calls.delete(&tid);
+}
+
+#if COW_FN == 1
+KFUNC_PROBE(do_wp_page, void *vmf)
+{
+	cow_enter(vmf);
+	return 0;
+}
+KRETFUNC_PROBE(do_wp_page, void *vmf, int ret)
+{
+	cow_exit(ctx);
+	return 0;
+}
+#else
+int kp_cow(struct pt_regs *ctx)
+{
+	cow_enter((void *)PT_REGS_PARM1(ctx));
+	return 0;
+}
+int kr_cow(struct pt_regs *ctx)
+{
+	cow_exit(ctx);
+	return 0;
+}
+#endif
+#endif
+
+#ifdef UNSHARE_FN
+/* break_ksm(vma, addr, lock_vma): unmerge by MADV_UNMERGEABLE, run=2, ... */
+BPF_HASH(unshare_calls, u32, u64, 1024);
+
+static __always_inline void unshare_enter(void)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	u64 now = bpf_ktime_get_ns();
+	unshare_calls.update(&tid, &now);
+}
+
+static __always_inline void unshare_exit(void *ctx, int ret)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	u64 *ts = unshare_calls.lookup(&tid);
+	if (!ts)
+		return;
+	u64 lat = bpf_ktime_get_ns() - *ts;
+	unshare_calls.delete(&tid);
+	count(C_UNSHARE);
+	hist_add(H_UNSHARE_LATENCY, lat);
+	emit(ctx, EV_UNSHARE, 0, 0, 0, lat, 0, ret, bpf_get_current_pid_tgid() >> 32);
+}
+
+#if UNSHARE_FN == 1
+KFUNC_PROBE(break_ksm, void *vma, unsigned long addr, int lock_vma)
+{
+	unshare_enter();
+	return 0;
+}
+KRETFUNC_PROBE(break_ksm, void *vma, unsigned long addr, int lock_vma, int ret)
+{
+	unshare_exit(ctx, ret);
+	return 0;
+}
+#else
+int kp_unshare(struct pt_regs *ctx)
+{
+	unshare_enter();
+	return 0;
+}
+int kr_unshare(struct pt_regs *ctx)
+{
+	unshare_exit(ctx, (int)PT_REGS_RC(ctx));
+	return 0;
+}
+#endif
+#endif

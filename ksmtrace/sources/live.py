@@ -1,0 +1,235 @@
+"""The live source: compiles bpf/ksmtrace.bpf.c with the flags the attach
+plan asks for, attaches it, and delivers one Tick per interval (counter poll
++ in-kernel aggregates + raw events). A context manager: everything it
+attached is detached on exit, exceptions and signals included.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+from ksmtrace.errors import KsmtraceError, NoBpf, NoHeaders, not_root
+from ksmtrace.kernel import headers as headers_mod
+from ksmtrace.kernel import tracefs
+from ksmtrace.kernel.capabilities import Facts, Plan
+from ksmtrace.model import (
+    BPF_COUNTERS,
+    HISTOGRAMS,
+    MERGE_KIND_NAMES,
+    BpfTotals,
+    MmStats,
+    ProbeStatus,
+    Tick,
+)
+from ksmtrace.probes import MAIN_SOURCE, Build, build
+from ksmtrace.sources import counters
+
+
+class LiveSource:
+    kind = "live"
+
+    def __init__(self, facts: Facts, plan: Plan, stream: bool = False,
+                 root: str | os.PathLike = "/", pids: list[int] | None = None):
+        self.facts = facts
+        self.plan = plan
+        self.root = root
+        self.pids = pids
+        self.spec: Build = build(plan, facts, stream)
+        self.probes: tuple[ProbeStatus, ...] = self.spec.probes
+        self.cow_estimated = self.spec.cow_estimated
+        self.notes: tuple[str, ...] = self.spec.notes
+        self._bpf = None
+        self._events = bytearray()
+        self._perf_lost = 0
+        self._seq = 0
+        self._resolved: set[int] = set()
+        self._exited: dict[int, MmStats] = {}
+
+    # ------------------------------------------------------------------ setup
+    def __enter__(self) -> LiveSource:
+        if os.geteuid() != 0:
+            raise not_root("tracing KSM with BPF")
+        tracefs.require_tracefs(self.root)
+        headers_mod.use_headers(headers_mod.find_headers(self.root))
+        try:
+            from bcc import BPF  # the only import of bcc outside sources/trial.py
+        except ImportError as e:
+            raise NoBpf(f"bcc is not importable: {e}",
+                        "apt-get install python3-bpfcc, and use a venv made with "
+                        "--system-site-packages (scripts/setup.sh does both)") from e
+        if not self.spec.parts:
+            raise NoBpf("no KSM path can be traced on this kernel (plan: polling only)",
+                        "use `--sysfs-only`, or see `ksmtrace doctor` for why")
+        try:
+            self._bpf = BPF(src_file=str(MAIN_SOURCE).encode(),
+                            cflags=list(self.spec.cflags))
+        except Exception as e:
+            msg = str(e)
+            if "kernel headers" in msg.lower():
+                raise NoHeaders(msg, "apt-get install linux-headers-amd64") from e
+            raise KsmtraceError(f"loading the BPF programs failed: {msg}",
+                                "run `ksmtrace doctor` to see what this kernel allows; "
+                                "`--ebpf` prints the program and flags") from e
+        try:
+            self._attach_kprobes()
+            if self.spec.stream == 1:
+                self._bpf["events"].open_ring_buffer(self._on_event)
+            elif self.spec.stream == 2:
+                self._bpf["events"].open_perf_buffer(self._on_event, page_cnt=256,
+                                                     lost_cb=self._on_lost)
+            if "COW_FN" in self.spec.parts:
+                self._calibrate_page_base()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _attach_kprobes(self) -> None:
+        statuses = {p.probe: p for p in self.probes}
+        failed: dict[str, str] = {}
+        for k in self.spec.kprobes:
+            try:
+                if k.ret:
+                    self._bpf.attach_kretprobe(event=k.function, fn_name=k.program,
+                                               maxactive=64)
+                else:
+                    self._bpf.attach_kprobe(event=k.function, fn_name=k.program)
+            except Exception as e:
+                for p in statuses.values():
+                    if k.function in p.targets and p.method == "kprobe":
+                        failed[p.probe] = f"{k.function}: {e}"
+        if failed:
+            self.probes = tuple(
+                ProbeStatus(p.probe, p.stage, p.method, p.targets, False, p.estimated,
+                            failed[p.probe]) if p.probe in failed else p
+                for p in self.probes)
+
+    def _calibrate_page_base(self) -> None:
+        """Provoke one do_wp_page (a child writes a page shared by fork) so the
+        programs learn where struct page 0 lives before any KSM COW."""
+        buf = mmap.mmap(-1, mmap.PAGESIZE)
+        buf[0] = 1
+        pid = os.fork()
+        if pid == 0:
+            buf[0] = 2
+            os._exit(0)
+        os.waitpid(pid, 0)
+        buf.close()
+
+    def close(self) -> None:
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- events
+    def _on_event(self, *args) -> None:
+        # ring buffer: (ctx, data, size); perf buffer: (cpu, data, size)
+        self._events += ctypes.string_at(args[1], args[2])
+
+    def _on_lost(self, lost: int) -> None:
+        self._perf_lost += lost
+
+    def poll(self, timeout_s: float) -> None:
+        ms = max(0, int(timeout_s * 1000))
+        if self.spec.stream == 1:
+            self._bpf.ring_buffer_poll(ms)
+        elif self.spec.stream == 2:
+            self._bpf.perf_buffer_poll(ms)
+        else:
+            time.sleep(timeout_s)
+
+    # ----------------------------------------------------------------- maps
+    def read_totals(self) -> BpfTotals:
+        b = self._bpf
+        table = b["counters"]
+        counters = {name: int(table.sum(ctypes.c_int(i)).value)
+                    for i, name in enumerate(BPF_COUNTERS)}
+        hist: dict[str, dict[int, int]] = {h: {} for h in HISTOGRAMS}
+        for k, v in b["hist"].items():
+            hist[HISTOGRAMS[k.which]][int(k.slot)] = int(v.value)
+        errors = {f"{MERGE_KIND_NAMES[k.kind]}:{k.err}": int(v.value)
+                  for k, v in b["errors"].items()}
+        owners = {int(k.value): int(v.pid) for k, v in b["owners"].items()}
+        mms = {int(k.value): MmStats(tuple(v.merges), int(v.merge_failures), tuple(v.cow),
+                                     int(v.wp_faults), int(v.unshares), int(v.rmap_removed))
+               for k, v in b["mm_stats"].items()}
+        exited, self._exited = self._exited, {}
+        return BpfTotals(counters, hist, errors, mms, exited, owners, self._perf_lost)
+
+    def _drain_exited(self, owners: dict[int, int]) -> None:
+        """mms whose owner has exited: read their final figures, then delete
+        them (no update can follow once the process is gone)."""
+        mm_table, owner_table = self._bpf["mm_stats"], self._bpf["owners"]
+        for mm, pid in owners.items():
+            if pid and not os.path.exists(f"/proc/{pid}"):
+                key = mm_table.Key(mm)
+                try:
+                    v = mm_table[key]
+                    self._exited[mm] = MmStats(tuple(v.merges), int(v.merge_failures),
+                                               tuple(v.cow), int(v.wp_faults),
+                                               int(v.unshares), int(v.rmap_removed))
+                    del mm_table[key]
+                except KeyError:
+                    pass
+                try:
+                    del owner_table[owner_table.Key(mm)]
+                except KeyError:
+                    pass
+
+    def resolve_owners(self, pids: list[int]) -> None:
+        """Learn mm -> pid for processes that registered before we attached:
+        reading smaps_rollup takes the target mm's mmap lock in this thread,
+        which the RESOLVER program sees (bpf/ksmtrace.bpf.c)."""
+        if "RESOLVER" not in self.spec.parts:
+            return
+        known = set(int(v.pid) for v in self._bpf["owners"].values())
+        table = self._bpf["resolve"]
+        tid = threading.get_native_id()
+        for pid in pids:
+            if pid in known or pid in self._resolved or pid == os.getpid():
+                continue
+            req = table[ctypes.c_int(0)]
+            req.tid, req.pid = tid, pid
+            table[ctypes.c_int(0)] = req
+            try:
+                with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+                    f.read()
+            except OSError:
+                pass  # exited meanwhile: expected
+            finally:
+                req.tid, req.pid = 0, 0
+                table[ctypes.c_int(0)] = req
+            self._resolved.add(pid)
+
+    # ---------------------------------------------------------------- ticks
+    def tick(self) -> Tick:
+        c = counters.sample(self.root, pids=self.pids)
+        self.resolve_owners([p.pid for p in c.processes])
+        owners = {int(k.value): int(v.pid) for k, v in self._bpf["owners"].items()}
+        self._drain_exited(owners)
+        if self.spec.stream:
+            self.poll(0)  # drain what is already there
+        totals = self.read_totals()
+        events, self._events = bytes(self._events), bytearray()
+        self._seq += 1
+        return Tick(self._seq, c, totals, events)
+
+    def ticks(self, interval: float, count: int = 0) -> Iterator[Tick]:
+        """A tick at start, then one every `interval` seconds (count 0: forever)."""
+        yield self.tick()
+        n = 0
+        deadline = time.monotonic()
+        while not count or n < count:
+            deadline += interval
+            while (left := deadline - time.monotonic()) > 0:
+                self.poll(min(left, 0.1))
+            yield self.tick()
+            n += 1
