@@ -44,7 +44,7 @@ static __always_inline u64 page_base_addr(void)
 }
 
 #if STREAM == 1
-BPF_RINGBUF_OUTPUT(events, 1 << 8);	/* 256 pages = 1 MiB */
+BPF_RINGBUF_OUTPUT(events, 1 << 11);	/* 2048 pages = 8 MiB: a 100k-merge burst */
 #elif STREAM == 2
 BPF_PERF_OUTPUT(events);
 #endif
@@ -352,6 +352,7 @@ TRACEPOINT_PROBE(mmap_lock, mmap_lock_start_locking)
 		return 0;
 	struct owner o = { .pid = r->pid };
 	owners.update(&mm, &o);
+	mm_get(mm);	/* a KSM mm from now on: its write faults count (COW_EST) */
 	count(C_OWNER_RESOLVED);
 	return 0;
 }
@@ -392,6 +393,7 @@ TRACEPOINT_PROBE(exceptions, page_fault_user)
 		return 0;
 	__sync_fetch_and_add(&s->wp_faults, 1);
 	count(C_WP_FAULT);
+	emit(args, EV_WP_FAULT, 0, mm, 0, 0, args->address, 0, bpf_get_current_pid_tgid() >> 32);
 	return 0;
 }
 #endif

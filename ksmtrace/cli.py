@@ -26,7 +26,7 @@ Run `ksmtrace COMMAND --help` for each command's options and examples."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ksmtrace import doctor, stat, workload
+    from ksmtrace import doctor, stat, trace, workload
 
     p = argparse.ArgumentParser(
         prog="ksmtrace",
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     doctor.add_parser(sub)
     stat.add_parser(sub)
+    trace.add_parser(sub)
     workload.add_cli(sub)
     return p
 

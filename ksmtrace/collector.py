@@ -157,6 +157,9 @@ class Collector:
         b = tick.bpf
         if b is not None:
             self._owner.update(b.owners)
+            for pid, comm in b.comms.items():
+                if pid in self._procs and self._procs[pid].comm == "?":
+                    self._procs[pid].comm = comm
             wp_delta: dict[int, int] = {}
             for mm, st in list(b.mms.items()) + list(b.exited.items()):
                 before = self._mm_seen.get(mm, MmStats())
@@ -166,6 +169,8 @@ class Collector:
                 dw = st.wp_faults - before.wp_faults
                 if dm or dc:
                     p = self._proc(pid)
+                    if p.comm == "?" and pid in b.comms:
+                        p.comm = b.comms[pid]
                     p.merges += dm
                     if not self.cow_estimated:
                         p.cow += dc

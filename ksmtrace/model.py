@@ -177,6 +177,7 @@ class BpfTotals:
     exited: dict[int, MmStats]  # mm -> final stats of mms drained this tick
     owners: dict[int, int]  # mm -> pid
     perf_lost: int = 0  # perf buffer's own lost-sample count
+    comms: dict[int, str] = field(default_factory=dict)  # pid -> comm, when BPF saw it
 
 
 @dataclass(frozen=True)

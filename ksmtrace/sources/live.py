@@ -78,9 +78,9 @@ class LiveSource:
         try:
             self._attach_kprobes()
             if self.spec.stream == 1:
-                self._bpf["events"].open_ring_buffer(self._on_event)
+                self._bpf[b"events"].open_ring_buffer(self._on_event)
             elif self.spec.stream == 2:
-                self._bpf["events"].open_perf_buffer(self._on_event, page_cnt=256,
+                self._bpf[b"events"].open_perf_buffer(self._on_event, page_cnt=256,
                                                      lost_cb=self._on_lost)
             if "COW_FN" in self.spec.parts:
                 self._calibrate_page_base()
@@ -147,27 +147,36 @@ class LiveSource:
             time.sleep(timeout_s)
 
     # ----------------------------------------------------------------- maps
-    def read_totals(self) -> BpfTotals:
+    def read_owners(self) -> tuple[dict[int, int], dict[int, str]]:
+        """mm -> pid, and pid -> comm where the BPF side saw the comm."""
+        owners: dict[int, int] = {}
+        comms: dict[int, str] = {}
+        for k, v in self._bpf[b"owners"].items():
+            owners[int(k.value)] = int(v.pid)
+            if v.comm:
+                comms[int(v.pid)] = v.comm.decode("utf-8", "replace")
+        return owners, comms
+
+    def read_totals(self, owners: dict[int, int], comms: dict[int, str]) -> BpfTotals:
         b = self._bpf
-        table = b["counters"]
+        table = b[b"counters"]
         counters = {name: int(table.sum(ctypes.c_int(i)).value)
                     for i, name in enumerate(BPF_COUNTERS)}
         hist: dict[str, dict[int, int]] = {h: {} for h in HISTOGRAMS}
-        for k, v in b["hist"].items():
+        for k, v in b[b"hist"].items():
             hist[HISTOGRAMS[k.which]][int(k.slot)] = int(v.value)
         errors = {f"{MERGE_KIND_NAMES[k.kind]}:{k.err}": int(v.value)
-                  for k, v in b["errors"].items()}
-        owners = {int(k.value): int(v.pid) for k, v in b["owners"].items()}
+                  for k, v in b[b"errors"].items()}
         mms = {int(k.value): MmStats(tuple(v.merges), int(v.merge_failures), tuple(v.cow),
                                      int(v.wp_faults), int(v.unshares), int(v.rmap_removed))
-               for k, v in b["mm_stats"].items()}
+               for k, v in b[b"mm_stats"].items()}
         exited, self._exited = self._exited, {}
-        return BpfTotals(counters, hist, errors, mms, exited, owners, self._perf_lost)
+        return BpfTotals(counters, hist, errors, mms, exited, owners, self._perf_lost, comms)
 
     def _drain_exited(self, owners: dict[int, int]) -> None:
         """mms whose owner has exited: read their final figures, then delete
         them (no update can follow once the process is gone)."""
-        mm_table, owner_table = self._bpf["mm_stats"], self._bpf["owners"]
+        mm_table, owner_table = self._bpf[b"mm_stats"], self._bpf[b"owners"]
         for mm, pid in owners.items():
             if pid and not os.path.exists(f"/proc/{pid}"):
                 key = mm_table.Key(mm)
@@ -190,8 +199,8 @@ class LiveSource:
         which the RESOLVER program sees (bpf/ksmtrace.bpf.c)."""
         if "RESOLVER" not in self.spec.parts:
             return
-        known = set(int(v.pid) for v in self._bpf["owners"].values())
-        table = self._bpf["resolve"]
+        known = set(int(v.pid) for v in self._bpf[b"owners"].values())
+        table = self._bpf[b"resolve"]
         tid = threading.get_native_id()
         for pid in pids:
             if pid in known or pid in self._resolved or pid == os.getpid():
@@ -213,11 +222,11 @@ class LiveSource:
     def tick(self) -> Tick:
         c = counters.sample(self.root, pids=self.pids)
         self.resolve_owners([p.pid for p in c.processes])
-        owners = {int(k.value): int(v.pid) for k, v in self._bpf["owners"].items()}
-        self._drain_exited(owners)
         if self.spec.stream:
             self.poll(0)  # drain what is already there
-        totals = self.read_totals()
+        owners, comms = self.read_owners()
+        self._drain_exited(owners)
+        totals = self.read_totals(owners, comms)
         events, self._events = bytes(self._events), bytearray()
         self._seq += 1
         return Tick(self._seq, c, totals, events)

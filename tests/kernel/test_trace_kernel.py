@@ -1,0 +1,182 @@
+"""The tracing core against the kernel's own counters, exactly.
+
+Each test attaches the live source first (ksmd stopped), then runs a real
+workload, so "from a clean start" holds: every merge, scan round and COW
+break the kernel counts happened while we traced.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ksmtrace.collector import Collector
+from ksmtrace.kernel import capabilities as caps
+from ksmtrace.kernel import procfs, sysfs
+from ksmtrace.model import EVENT_SIZE, EventKind, iter_events
+from ksmtrace.sources.live import LiveSource
+from ksmtrace.workload import Workload, WorkloadSpec
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture(scope="module")
+def facts() -> caps.Facts:
+    return caps.probe_host()
+
+
+@pytest.fixture
+def quiet_ksm():
+    """Exact deltas need ksmd stopped and no other process mergeable."""
+    assert sysfs.read_knob("run") == 0, "ksmd is running: another KSM user is active"
+    others = [(p.pid, p.comm) for p in procfs.ksm_processes()
+              if p.stat.ksm_mergeable or p.stat.ksm_merge_any]
+    assert not others, f"other processes are registered with KSM: {others}"
+
+
+def traced(facts, stream=False, force=None):
+    plan = caps.plan(facts, force or os.environ.get("KSMTRACE_ATTACH"))
+    src = LiveSource(facts, plan, stream=stream)
+    return src, plan
+
+
+def test_merges_scan_rounds_and_cow_equal_kernel_counters(facts, quiet_ksm):
+    src, _ = traced(facts)
+    with src:
+        col = Collector("live", src.probes, src.notes, src.cow_estimated)
+        col.add_tick(src.tick())
+        spec = WorkloadSpec(processes=3, pages=2000, distinct=20)
+        with Workload(spec, drive_ksmd=True) as w:
+            w.wait_merged()
+            merged = col.add_tick(src.tick())
+            # every successful merge traced == the kernel's merged pages
+            assert merged.totals["merges"] == merged.totals["merged_pages"] == 6000
+            # a page that became a new KSM page is one pages_shared; one that
+            # joined a KSM page is one pages_sharing (chains: max_page_sharing)
+            e = w.expected()
+            assert merged.totals["merges_new_ksm_page"] == e.pages_shared == 40
+            assert merged.totals["merges_into_ksm_page"] == e.pages_sharing == 5960
+            rows = {r.pid: r for r in merged.processes}
+            for pid in w.pids:
+                stat = procfs.read_ksm_stat(pid)
+                assert rows[pid].merges == stat.ksm_merging_pages == 2000
+            written = w.cow(0.1)
+            w.wait_expected()
+            cow = col.add_tick(src.tick())
+            # on every kernel: total COW breaks == Δcow_ksm == pages written
+            assert cow.totals["cow_ksm"] == sum(written.values())
+            rows = {r.pid: r for r in cow.processes}
+            assert sum(rows[pid].cow_breaks for pid in w.pids) == cow.totals["cow_ksm"]
+            if cow.cow_estimated:
+                assert all(rows[pid].cow_estimated for pid in w.pids)
+            else:  # kprobe/fentry on do_wp_page: exact per process
+                for pid, n in written.items():
+                    assert rows[pid].cow_breaks == n
+        time.sleep(0.5)  # ksmd stopped by the workload's knob restore
+        final = col.add_tick(src.tick())
+        assert final.ksm.run == 0
+        assert final.totals["scan_rounds"] == final.totals["full_scans"] > 0
+        assert final.lost_events == 0
+
+
+def test_zero_page_merges_equal_ksm_zero_pages(facts, quiet_ksm):
+    src, _ = traced(facts)
+    with src:
+        col = Collector("live", src.probes, src.notes, src.cow_estimated)
+        col.add_tick(src.tick())
+        spec = WorkloadSpec(processes=2, pages=100, distinct=10, zero_pages=300,
+                            use_zero_pages=True)
+        with Workload(spec, drive_ksmd=True) as w:
+            w.wait_merged()
+            s = col.add_tick(src.tick())
+            assert s.totals["ksm_zero_pages"] == 600
+            assert s.totals["merges_zero_page"] == s.totals["ksm_zero_pages"]
+            assert s.totals["merges"] - s.totals["merges_zero_page"] == s.totals["merged_pages"]
+
+
+def test_no_lost_events_in_a_30k_page_merge_with_the_stream_on(facts, quiet_ksm):
+    src, _ = traced(facts, stream=True)
+    with src:
+        col = Collector("live", src.probes, src.notes, src.cow_estimated)
+        col.add_tick(src.tick())
+        merges_seen = 0
+        spec = WorkloadSpec(processes=3, pages=10000, distinct=100)
+        with Workload(spec, drive_ksmd=True) as w:
+            w.wait_merged()
+            tick = src.tick()
+            s = col.add_tick(tick)
+        merges_seen += sum(1 for e in iter_events(tick.events) if e.kind == EventKind.MERGE)
+        assert s.totals["merged_pages"] == 30000
+        assert s.lost_events == 0
+        assert s.totals["events_lost"] == 0
+        # the stream carried every merge the counters saw
+        assert merges_seen == s.totals["merges"] == 30000
+        assert len(tick.events) % EVENT_SIZE == 0
+
+
+def test_default_mode_aggregates_without_a_stream(facts, quiet_ksm):
+    src, _ = traced(facts, stream=False)
+    with src:
+        assert src.spec.stream == 0
+        col = Collector("live", src.probes, src.notes, src.cow_estimated)
+        col.add_tick(src.tick())
+        with Workload(WorkloadSpec(processes=3, pages=10000, distinct=100)) as w:
+            w.wait_merged()
+            s = col.add_tick(src.tick())
+        assert s.totals["merges"] == s.totals["merged_pages"] == 30000
+        assert s.totals["events_sent"] == 0  # nothing was streamed
+
+
+def test_owner_of_processes_registered_before_tracing(facts, quiet_ksm):
+    """mm -> pid for processes that called madvise before ksmtrace attached."""
+    with Workload(WorkloadSpec(processes=2, pages=500, distinct=5)) as w:
+        w.wait_merged()
+        src, _ = traced(facts)
+        with src:
+            col = Collector("live", src.probes, src.notes, src.cow_estimated)
+            col.add_tick(src.tick())
+            written = w.cow(0.2)
+            w.wait_expected()
+            s = col.add_tick(src.tick())
+            rows = {r.pid: r for r in s.processes}
+            assert set(w.pids) <= set(rows)
+            assert sum(rows[p].cow_breaks for p in w.pids) == sum(written.values())
+            assert rows.get(0) is None or rows[0].cow_breaks == 0
+
+
+def count_programs() -> int:
+    out = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True,
+                         check=True).stdout
+    return out.count("\n")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_no_program_left_loaded_after_signal(sig):
+    before = count_programs()
+    p = subprocess.Popen([sys.executable, "-m", "ksmtrace", "stat", "0.2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # wait until it printed its header: the programs are attached by then
+        line = p.stdout.readline()
+        while line and not line.startswith("    time"):
+            line = p.stdout.readline()
+        assert line, p.stderr.read()
+        assert count_programs() > before
+        p.send_signal(sig)
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    err = p.stderr.read()
+    assert "Traceback" not in err
+    for _ in range(50):  # the kernel frees programs once the last fd closes
+        if count_programs() == before:
+            break
+        time.sleep(0.1)
+    assert count_programs() == before
