@@ -134,10 +134,11 @@ def render(f: caps.Facts, plan: caps.Plan, code: Exit) -> str:
 
     w("")
     w("tracepoints")
-    for name, present in f.tracepoints.items():
-        w(f"  {name:32}{'present' if present else 'absent'}")
-    if not f.tracefs:
-        w("  (unknown: tracefs unavailable" + ("" if f.root else ", root needed") + ")")
+    if f.tracefs:
+        for name, present in f.tracepoints.items():
+            w(f"  {name:32}{'present' if present else 'absent'}")
+    else:
+        w("  unknown: tracefs unavailable" + ("" if f.root else " (only root can read it)"))
 
     w("")
     w(f"  {'kernel function':30}{'kallsyms':10}{'BTF':6}")

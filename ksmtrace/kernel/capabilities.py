@@ -267,6 +267,8 @@ def _why_not(c: Candidate, f: Facts) -> str | None:
                 return f"reads x86_64 page-table entries; this machine is {f.machine}"
         elif need not in f.layout:
             return f"BTF does not give {need} (struct layouts are never taken from headers)"
+    if c.method != "polling" and not f.root:
+        return "unknown without root (BPF loading, tracefs and the trials need it)"
     if c.method == "polling":
         if not f.ksm:
             return "no KSM sysfs"

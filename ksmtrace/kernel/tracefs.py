@@ -27,8 +27,11 @@ class Tracefs:
 def find_tracefs(root: str | os.PathLike = "/") -> str | None:
     for rel in CANDIDATES:
         p = Path(root) / rel
-        if (p / "events").is_dir():
-            return str(p)
+        try:
+            if (p / "events").is_dir():
+                return str(p)
+        except PermissionError:
+            continue  # mode 0700: only root may look
     return None
 
 
@@ -41,7 +44,9 @@ def ensure_tracefs(
         return Tracefs(found, False, "already mounted")
     target = Path(root) / CANDIDATES[0]
     how = f"mount -t tracefs nodev {target}"
-    if not mount or os.geteuid() != 0 or not target.is_dir():
+    if os.geteuid() != 0:
+        return Tracefs(None, False, "tracefs can only be read by root")
+    if not mount or not target.is_dir():
         return Tracefs(None, False, f"tracefs is not mounted; as root: {how}")
     r = subprocess.run(
         ["mount", "-t", "tracefs", "nodev", str(target)], capture_output=True, text=True
@@ -64,7 +69,11 @@ def require_tracefs(root: str | os.PathLike = "/") -> str:
 
 
 def tracepoint_exists(tracefs: str | None, category: str, event: str) -> bool:
-    return tracefs is not None and (Path(tracefs) / "events" / category / event / "format").exists()
+    try:
+        return tracefs is not None and (
+            Path(tracefs) / "events" / category / event / "format").exists()
+    except PermissionError:
+        return False
 
 
 def tracepoints_in(tracefs: str | None, category: str) -> list[str]:

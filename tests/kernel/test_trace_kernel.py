@@ -7,6 +7,7 @@ break the kernel counts happened while we traced.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -180,3 +181,25 @@ def test_no_program_left_loaded_after_signal(sig):
             break
         time.sleep(0.1)
     assert count_programs() == before
+
+
+def test_sysfs_only_works_without_root_and_matches_sysfs(quiet_ksm, tmp_path):
+    with Workload(WorkloadSpec(processes=2, pages=500, distinct=5)) as w:
+        w.wait_merged()
+        # ksmd paused: the figures hold still while the unprivileged run reads them
+        with sysfs.KsmKnobs() as k:
+            k.set(run=0)
+            r = subprocess.run(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                 sys.executable, "-m", "ksmtrace", "stat", "--sysfs-only", "-j", "0.2", "2"],
+                capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+            now = sysfs.read_sysfs()
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(lines) == 2
+    for d in lines:
+        assert d["source"] == "sysfs-only" and not d["traced"]
+        for name in ("pages_shared", "pages_sharing", "pages_unshared", "full_scans"):
+            assert d["ksm"][name] == getattr(now, name), name
