@@ -92,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
             if tick.bpf:
                 comms.update(tick.bpf.comms)
             for e in iter_events(tick.events):
+                if e.kind == EventKind.KSM_ENTER and e.pid:
+                    comms.setdefault(e.pid, e.comm)
                 if e.stage not in stages:
                     continue
                 pid = e.pid or owners.get(e.mm, 0)
@@ -105,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
                 if args.json:
                     d = asdict(e)
                     d.update(stage=e.stage, event=name, owner_pid=pid, owner_comm=comm)
+                    if e.kind in (EventKind.SCAN_START, EventKind.SCAN_STOP):
+                        d.update(seq=e.scan_seq, rmap_entries=e.rmap_entries)
                     print(json.dumps(d), flush=False)
                 else:
                     print(f"{(e.ts_ns - t0) / 1e9:12.6f} {e.stage:10} {name:16} {pid:>7} "
