@@ -64,3 +64,30 @@ def pytest_runtest_makereport(item, call):
         # missing install step or a broken probe, not an excuse.
         report.outcome = "failed"
         report.longrepr = f"kernel-tier test skipped under CI=true: {report.longrepr}"
+
+
+@pytest.fixture
+def as_nobody():
+    """argv prefix, env and cwd to run `python -m ksmtrace` as user nobody.
+
+    The package is copied to a world-readable temp dir under /tmp and run with
+    Debian's python3, so the test does not depend on the checkout's
+    permissions (CI may clone under a 0700 home)."""
+    import shutil
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parent.parent / "ksmtrace"
+    dest = Path(tempfile.mkdtemp(prefix="ksmtrace-nobody-"))
+    try:
+        shutil.copytree(pkg, dest / "ksmtrace", ignore=shutil.ignore_patterns("__pycache__"))
+        for p in [dest, *dest.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        py = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+        argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", py, "-m",
+                "ksmtrace"]
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(dest), "PYTHONPATH": str(dest)}
+        yield argv, env, dest
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)

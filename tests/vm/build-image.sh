@@ -22,7 +22,7 @@ ROOT=$TMP/root
 T0=$SECONDS
 
 say() { printf '[image %s +%ss] %s\n' "$SUITE" $((SECONDS - T0)) "$*"; }
-cleanup() { [ -d "$TMP" ] && rm -rf "$TMP"; }
+cleanup() { rm -rf "$TMP"; }
 trap cleanup EXIT
 
 rm -rf "$TMP"
@@ -44,7 +44,17 @@ cp -L /etc/resolv.conf "$ROOT/etc/resolv.conf"
 mkdir -p "$ROOT/tmp/ksmvm-provision"
 cp "$GUEST/provision.sh" "$GUEST/packages.txt" "$ROOT/tmp/ksmvm-provision/"
 cp "$REQUIREMENTS" "$ROOT/tmp/ksmvm-provision/requirements.txt"
-chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
+# pip trusts the host's CA bundle, and uses its proxy and index settings, so a
+# build works behind a TLS-intercepting egress proxy too (none of it stays in the image)
+chroot_env=(PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8)
+if [ -r /etc/ssl/certs/ca-certificates.crt ]; then
+  cp /etc/ssl/certs/ca-certificates.crt "$ROOT/tmp/ksmvm-provision/host-ca.crt"
+  chroot_env+=(PIP_CERT=/tmp/ksmvm-provision/host-ca.crt)
+fi
+for v in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY PIP_INDEX_URL PIP_DEFAULT_TIMEOUT; do
+  [ -n "${!v:-}" ] && chroot_env+=("$v=${!v}")
+done
+chroot "$ROOT" /usr/bin/env -i "${chroot_env[@]}" \
   /bin/bash /tmp/ksmvm-provision/provision.sh --requirements /tmp/ksmvm-provision/requirements.txt
 chroot "$ROOT" /opt/ksmtrace/venv/bin/python -m pip list --format=freeze --disable-pip-version-check \
   > "$TMP/pip-freeze.txt"
@@ -61,8 +71,10 @@ mkdir -p "$ROOT/ksmvm" "$ROOT/sys/kernel/tracing" "$ROOT/sys/kernel/debug"
 KVERS=$(ls "$ROOT/lib/modules")
 [ "$(echo "$KVERS" | wc -l)" = 1 ] || { say "expected one kernel, found: $KVERS"; exit 1; }
 KVER=$KVERS
-[ -e "$ROOT/lib/modules/$KVER/build/Makefile" ] || { say "headers for $KVER are missing"; exit 1; }
+# (build is an absolute symlink: resolve it inside the chroot)
+chroot "$ROOT" test -e "/lib/modules/$KVER/build/Makefile" || { say "headers for $KVER are missing"; exit 1; }
 cp "$ROOT/boot/vmlinuz-$KVER" "$TMP/vmlinuz"
+# shellcheck disable=SC2016  # ${Version} is dpkg-query's, not the shell's
 dpkg_ver() { chroot "$ROOT" dpkg-query -W -f='${Version}' "$1" 2>/dev/null || echo "?"; }
 {
   echo "SUITE=$SUITE"

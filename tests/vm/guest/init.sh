@@ -17,7 +17,7 @@ mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 hostname "$(cat /etc/hostname)"
-ip link set lo up 2>/dev/null || busybox ip link set lo up 2>/dev/null
+busybox ip link set lo up 2>/dev/null   # tests may bind to localhost
 
 echo "KSMVM-BOOT up=$(cut -d' ' -f1 /proc/uptime) kernel=$(uname -r) cpus=$(nproc) mem_kb=$(awk '/MemTotal/{print $2}' /proc/meminfo)"
 /bin/bash /ksmvm/src/tests/vm/guest/runner.sh
@@ -26,8 +26,9 @@ echo "KSMVM-END rc=$rc up=$(cut -d' ' -f1 /proc/uptime)"
 
 # Flush the results, then power off. Nothing may be read from disk after the
 # read-only remount (hence sysrq and a shell busy-loop, not poweroff/sleep).
+# (/ksmvm cannot be unmounted: this script is read from it; read-only is as good)
 sync
-umount /ksmvm || { sync; echo "KSMVM-WARN /ksmvm busy at power-off"; }
+mount -o remount,ro /ksmvm || echo "KSMVM-WARN could not remount /ksmvm read-only"
 mount -o remount,ro / 2>/dev/null
 echo o > /proc/sysrq-trigger
 while :; do :; done

@@ -27,9 +27,10 @@ done
 say() { echo "[provision] $*" >&2; }
 
 # 1. Debian packages (already there in a harness image: debootstrap --include'd them)
-mapfile -t PKGS < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$HERE/packages.txt")
+# (no process substitution: a fresh debootstrap chroot has no /proc, hence no /dev/fd)
 missing=()
-for p in "${PKGS[@]}"; do
+# shellcheck disable=SC2013  # one package name per word is the format
+for p in $(sed -e 's/#.*//' "$HERE/packages.txt"); do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -40,9 +41,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-# bcc must find headers for the running (or, in a chroot, the installed) kernel
-for kver in /lib/modules/*; do
-  [ -e "$kver/build" ] || { say "no kernel headers for $(basename "$kver") ($kver/build missing)"; exit 1; }
+# bcc must find headers for the running kernel (in the image-build chroot,
+# where the host's kernel runs: for every installed kernel)
+if [ -d "/lib/modules/$(uname -r)" ]; then kernels=$(uname -r); else kernels=$(ls /lib/modules); fi
+for kver in $kernels; do
+  [ -e "/lib/modules/$kver/build" ] || { say "no kernel headers for $kver (/lib/modules/$kver/build)"; exit 1; }
 done
 
 # 2. a venv like the host's: Debian's python3 with --system-site-packages (bcc)
@@ -68,6 +71,6 @@ if [ -n "$PROJECT" ]; then
     pip install -q --no-index --no-deps --no-build-isolation -e "$PROJECT"
   else
     say "installing $PROJECT editable with [dev] extras"
-    pip install -q -e "$PROJECT[dev]"
+    pip install -q -e "${PROJECT}[dev]"
   fi
 fi
