@@ -96,3 +96,18 @@ def test_non_root_reports_partially_with_exit_3(as_nobody):
     assert r.returncode == 3, r.stderr
     assert "as root, doctor would also check" in r.stdout
     assert "Traceback" not in r.stderr
+
+
+def test_doctor_mounts_tracefs_when_it_is_not_mounted():
+    """The CI host boots without tracefs mounted: doctor must mount it and say so."""
+    target = "/sys/kernel/tracing"
+    if tracefs.find_tracefs() == target:
+        # lazy: detaches now even if a file in it is open somewhere
+        subprocess.run(["umount", "-l", target], check=True)
+    assert tracefs.find_tracefs() is None
+    r = subprocess.run([sys.executable, "-m", "ksmtrace", "doctor"], capture_output=True,
+                       text=True, timeout=600)
+    assert tracefs.find_tracefs() == target
+    assert r.returncode == 0, r.stderr
+    assert f"tracefs was not mounted; mounted it at {target}" in r.stderr
+    assert "ksm:ksm_start_scan              present" in r.stdout
