@@ -5,6 +5,7 @@ errors into one-line messages with distinct exit codes (never a traceback).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from ksmtrace import __version__
@@ -20,13 +21,15 @@ examples:
   sudo ksmtrace doctor                 what this kernel can show, and how
   sudo ksmtrace stat --demo 1 10       ten 1 s lines while a demo workload merges
   ksmtrace stat --sysfs-only 5         KSM counters every 5 s, no root needed
+  sudo ksmtrace trace --stage merging     one line per merge, with its process
+  sudo ksmtrace record -o ksm.rec 0.5     record; then `ksmtrace report ksm.rec`
   sudo ksmtrace workload -n 4 -p 2000 -d 50 --cow-fraction 0.1
 
 Run `ksmtrace COMMAND --help` for each command's options and examples."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ksmtrace import doctor, stat, trace, workload
+    from ksmtrace import doctor, report, stat, trace, workload
 
     p = argparse.ArgumentParser(
         prog="ksmtrace",
@@ -39,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_parser(sub)
     stat.add_parser(sub)
     trace.add_parser(sub)
+    report.add_parser(sub)
     workload.add_cli(sub)
     return p
 
@@ -49,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return int(Exit.USAGE)
+    # Ctrl-C and SIGTERM unwind the with-blocks (probes detached, knobs
+    # restored, recordings closed), even when started from a script that
+    # ignores SIGINT for background jobs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
     except KsmtraceError as e:
@@ -59,10 +68,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ksmtrace: interrupted", file=sys.stderr)
         return int(Exit.INTERRUPTED)
+    except Terminated:
+        print("ksmtrace: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:
         # `ksmtrace stat | head`: the reader went away; that is not an error.
         sys.stderr.close()
         return int(Exit.OK)
+
+
+class Terminated(Exception):
+    pass
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 if __name__ == "__main__":
