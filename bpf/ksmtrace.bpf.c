@@ -11,6 +11,8 @@
  *   -DCOW_EST        exceptions:page_fault_user write-protect faults
  *   -DUNSHARE_FN=1|2 break_ksm entry+exit
  *   -DADVISOR_TP     ksm:ksm_advisor
+ *   -DSCAN_FN=1|2    ksm_do_scan entry+exit (a scan batch), where not inlined
+ *   -DCMP_FN=1|2     cmp_and_merge_page entry (one page compared), where not inlined
  *   -DRESOLVER       mmap_lock:mmap_lock_start_locking mm -> pid resolver
  *   -DSTREAM=0|1|2   per-event stream: none, ring buffer, perf buffer
  *   -DOFF_*          struct member offsets read from BTF, never from headers
@@ -26,7 +28,7 @@
 #endif
 
 BPF_PERCPU_ARRAY(counters, u64, C_NR);
-BPF_HASH(hist, struct hist_key, u64, 4 * HIST_SLOTS);
+BPF_HASH(hist, struct hist_key, u64, 5 * HIST_SLOTS);
 BPF_HASH(errors, struct err_key, u64, 1024);
 BPF_TABLE("lru_hash", u64, struct mm_stats, mm_stats, MAX_MMS);
 BPF_TABLE("lru_hash", u64, struct owner, owners, MAX_MMS);
@@ -188,6 +190,45 @@ TRACEPOINT_PROBE(ksm, ksm_advisor)
 	emit(args, EV_ADVISOR, args->cpu_percent, 0, 0, args->scan_time, args->pages_to_scan, 0, 0);
 	return 0;
 }
+#endif
+
+#ifdef SCAN_FN
+/* ksm_do_scan(scan_npages): one batch of pages_to_scan pages per wake-up.
+ * Inlined into ksm_scan_thread on nearly every distro kernel. */
+BPF_HASH(batch_start, u32, u64, 64);
+
+static __always_inline void batch_enter(void)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	u64 now = bpf_ktime_get_ns();
+	batch_start.update(&tid, &now);
+}
+
+static __always_inline void batch_exit(void)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	u64 *ts = batch_start.lookup(&tid);
+	if (!ts)
+		return;
+	count(C_SCAN_BATCH);
+	hist_add(H_SCAN_BATCH, bpf_ktime_get_ns() - *ts);
+	batch_start.delete(&tid);
+}
+#if SCAN_FN == 1
+KFUNC_PROBE(ksm_do_scan, unsigned int n) { batch_enter(); return 0; }
+KRETFUNC_PROBE(ksm_do_scan, unsigned int n, int ret) { batch_exit(); return 0; }
+#else
+int kp_scan_batch(struct pt_regs *ctx) { batch_enter(); return 0; }
+int kr_scan_batch(struct pt_regs *ctx) { batch_exit(); return 0; }
+#endif
+#endif
+
+#ifdef CMP_FN
+#if CMP_FN == 1
+KFUNC_PROBE(cmp_and_merge_page, void *page, void *rmap_item) { count(C_PAGE_COMPARE); return 0; }
+#else
+int kp_page_compare(struct pt_regs *ctx) { count(C_PAGE_COMPARE); return 0; }
+#endif
 #endif
 
 /* ------------------------------------------------------------------ merging */

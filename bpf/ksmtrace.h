@@ -66,11 +66,13 @@ enum ksm_counter {
 	C_ADVISOR,
 	C_EVENTS_SENT, C_EVENTS_LOST,
 	C_OWNER_RESOLVED,
+	C_SCAN_BATCH, C_PAGE_COMPARE,
 	C_NR
 };
 
 /* Histograms: key = {which, log2 slot}. */
-enum ksm_hist { H_SCAN_ROUND = 0, H_MERGE_LATENCY = 1, H_COW_LATENCY = 2, H_UNSHARE_LATENCY = 3 };
+enum ksm_hist { H_SCAN_ROUND = 0, H_MERGE_LATENCY = 1, H_COW_LATENCY = 2, H_UNSHARE_LATENCY = 3,
+		H_SCAN_BATCH = 4 };
 #define HIST_SLOTS 64
 
 struct hist_key { u32 which; u32 slot; };

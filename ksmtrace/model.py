@@ -149,9 +149,10 @@ BPF_COUNTERS = (
     "advisor_runs",
     "events_sent", "events_lost",
     "owners_resolved",
+    "scan_batches", "pages_compared",
 )
 HISTOGRAMS = ("scan_round_seconds", "merge_latency_seconds", "cow_latency_seconds",
-              "unshare_latency_seconds")
+              "unshare_latency_seconds", "scan_batch_seconds")
 
 
 @dataclass(frozen=True)

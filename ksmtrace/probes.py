@@ -58,8 +58,8 @@ class Build:
                      if f.startswith("-D") and f[2:].split("=")[0] in PARTS)
 
 
-PARTS = ("SCAN_TP", "ADVISOR_TP", "MERGE_TP", "MERGE_FN", "MM_TP", "RESOLVER", "REMOVE_TP",
-         "COW_EST", "COW_FN", "UNSHARE_FN")
+PARTS = ("SCAN_TP", "SCAN_FN", "CMP_FN", "ADVISOR_TP", "MERGE_TP", "MERGE_FN", "MM_TP",
+         "RESOLVER", "REMOVE_TP", "COW_EST", "COW_FN", "UNSHARE_FN")
 
 
 def _status(c: Choice, attached: bool, error: str | None = None) -> ProbeStatus:
@@ -107,8 +107,12 @@ def build(plan: Plan, facts: Facts, stream: bool) -> Build:
             fn_flag("UNSHARE_FN", c, [("break_ksm", "unshare")])
         elif c.probe == "stable_removals":
             flags.append("-DREMOVE_TP")
-        # scan_batches / page_compares: only ever polling on known kernels
-        # (ksm_do_scan and cmp_and_merge_page are inlined); nothing to load.
+        elif c.probe == "scan_batches":
+            fn_flag("SCAN_FN", c, [("ksm_do_scan", "scan_batch")])
+        elif c.probe == "page_compares":
+            flags.append(f"-DCMP_FN={_FN_METHOD[c.method]}")
+            if c.method == "kprobe":
+                kprobes.append(Kprobe("cmp_and_merge_page", "kp_page_compare", False))
     for key, name in LAYOUT_FLAGS.items():
         if key in facts.layout:
             flags.append(f"-D{name}={facts.layout[key]}")

@@ -113,7 +113,8 @@ def replay_all(path: str) -> tuple[ReplaySource, list[Snapshot], dict[int, int]]
 
 
 STAGE_TOTALS = {
-    "searching": ("pages_scanned", "full_scans", "scan_rounds", "advisor_runs"),
+    "searching": ("pages_scanned", "full_scans", "scan_rounds", "scan_batches",
+                  "pages_compared", "advisor_runs"),
     "merging": ("merges", "merges_new_ksm_page", "merges_into_ksm_page", "merges_zero_page",
                 "merge_failures", "merged_pages", "ksm_zero_pages"),
     "counting": ("mm_enters", "mm_exits", "owners_resolved"),
