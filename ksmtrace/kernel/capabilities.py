@@ -309,8 +309,9 @@ def _why_not(c: Candidate, f: Facts) -> str | None:
 def plan(f: Facts, force: str | None = None) -> Plan:
     """Pick, per probe, the first viable candidate (fentry > kprobe > tracepoint > polling).
 
-    `force` restricts every probe to one BPF method (plus counter polling as
-    the honest fall-back), for proving one backend on a test kernel.
+    `force` restricts every probe that method can observe to that method
+    (plus counter polling as the honest fall-back), for proving one backend
+    on a test kernel; other probes keep their automatic choice.
     """
     if force not in (None, "auto", "fentry", "kprobe", "tracepoint"):
         raise ValueError(f"unknown attach method {force!r}")
@@ -319,8 +320,12 @@ def plan(f: Facts, force: str | None = None) -> Plan:
     for spec in PROBES:
         missed: list[Miss] = []
         chosen: Candidate | None = None
+        # A probe the forced method cannot observe at all (scan rounds with
+        # --attach kprobe, mm owners with --attach fentry) keeps its
+        # automatic choice: forcing proves one backend, it does not blind.
+        forced = force if any(c.method == force for c in spec.candidates) else None
         for cand in spec.candidates:
-            if force and cand.method not in (force, "polling"):
+            if forced and cand.method not in (forced, "polling"):
                 missed.append(Miss(cand.method, cand.targets, f"--attach {force} forces {force}"))
                 continue
             why = _why_not(cand, f)

@@ -55,6 +55,9 @@ def test_forced_backend_falls_back_to_polling_only(host):
     assert merges.method == "polling"
     assert any("--attach kprobe" in m.why for m in merges.missed)
     assert p.get("cow_breaks").method == "polling"
+    # probes kprobes cannot observe keep the automatic choice
+    assert p.get("scan_rounds").method == "tracepoint"
+    assert p.get("mm_owners").method == "tracepoint"
 
 
 def test_order_prefers_fentry_then_kprobe(host):
