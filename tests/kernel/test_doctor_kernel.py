@@ -1,5 +1,5 @@
 """doctor on the real host kernel, each verdict checked against an independent
-witness: tracefs listings, /proc/config.gz, bpftool's BTF dump, bpftrace."""
+witness: tracefs listings, the kernel config, bpftool's BTF dump, bpftrace."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ def report() -> dict:
 
 
 def kernel_config() -> str:
-    return gzip.decompress(Path("/proc/config.gz").read_bytes()).decode()
+    if Path("/proc/config.gz").exists():
+        return gzip.decompress(Path("/proc/config.gz").read_bytes()).decode()
+    return Path(f"/boot/config-{os.uname().release}").read_text()  # Debian kernels
 
 
 def test_tracepoints_match_tracefs(report):

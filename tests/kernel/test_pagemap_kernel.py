@@ -132,7 +132,8 @@ def test_ksm_pages_and_mappers_match_the_kernel():
             assert got == want
 
             stat = procfs.read_ksm_stat(pid)
-            assert stat is not None and stat.ksm_mergeable is True
+            # None: kernels before 6.14 print no ksm_mergeable line
+            assert stat is not None and stat.ksm_mergeable in (True, None)
             assert stat.ksm_merging_pages == pm.ksm_pages
             assert procfs.read_smaps_rollup_ksm_bytes(pid) == pm.ksm_pages * PAGE_SIZE
             all_ksm.update(pm.pfns(PageState.KSM))

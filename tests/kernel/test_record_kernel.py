@@ -42,7 +42,7 @@ def start_recorder(path, interval="0.2"):
 
 def test_report_of_a_recording_equals_the_kernel(tmp_path):
     assert sysfs.read_knob("run") == 0
-    assert not [p for p in procfs.ksm_processes() if p.stat.ksm_mergeable]
+    assert not [p.pid for p in procfs.ksm_processes() if p.stat.known_to_ksm]
     before = programs()
     path = tmp_path / "w.ksmrec"
     rec = start_recorder(path)

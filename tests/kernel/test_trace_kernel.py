@@ -36,7 +36,7 @@ def quiet_ksm():
     """Exact deltas need ksmd stopped and no other process mergeable."""
     assert sysfs.read_knob("run") == 0, "ksmd is running: another KSM user is active"
     others = [(p.pid, p.comm) for p in procfs.ksm_processes()
-              if p.stat.ksm_mergeable or p.stat.ksm_merge_any]
+              if p.stat.known_to_ksm]
     assert not others, f"other processes are registered with KSM: {others}"
 
 
