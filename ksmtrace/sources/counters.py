@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ksmtrace.kernel import procfs, sysfs
 from ksmtrace.model import CounterSample, ProcessSample, Tick
@@ -75,11 +75,19 @@ class SysfsSource:
         return Tick(self._seq, sample(self.root, pids=self.pids))
 
     def ticks(self, interval: float, count: int = 0) -> Iterator[Tick]:
-        yield self.tick()
-        n = 0
-        deadline = time.monotonic()
-        while not count or n < count:
-            deadline += interval
-            time.sleep(max(0.0, deadline - time.monotonic()))
-            yield self.tick()
-            n += 1
+        return paced(self.tick, time.sleep, interval, count)
+
+
+def paced(tick: Callable[[], Tick], wait: Callable[[float], None], interval: float,
+          count: int = 0) -> Iterator[Tick]:
+    """A tick at once, then one every `interval` seconds on a fixed grid (no
+    drift), `count` of them (0: forever). `wait(s)` may return early."""
+    yield tick()
+    n = 0
+    deadline = time.monotonic()
+    while not count or n < count:
+        deadline += interval
+        while (left := deadline - time.monotonic()) > 0:
+            wait(min(left, 0.1))
+        yield tick()
+        n += 1

@@ -232,13 +232,6 @@ class LiveSource:
         return Tick(self._seq, c, totals, events)
 
     def ticks(self, interval: float, count: int = 0) -> Iterator[Tick]:
-        """A tick at start, then one every `interval` seconds (count 0: forever)."""
-        yield self.tick()
-        n = 0
-        deadline = time.monotonic()
-        while not count or n < count:
-            deadline += interval
-            while (left := deadline - time.monotonic()) > 0:
-                self.poll(min(left, 0.1))
-            yield self.tick()
-            n += 1
+        """A tick at start, then one every `interval` seconds (count 0: forever);
+        between ticks the event stream is drained as it arrives."""
+        return counters.paced(self.tick, self.poll, interval, count)
