@@ -31,6 +31,7 @@ examples:
 columns (kernel counters, exact):
   run       ksmd state: 0 stopped, 1 merging, 2 unmerging
   scan/s    pages ksmd scanned per second (sysfs pages_scanned)
+  skip/s    pages smart scan skipped per second (sysfs pages_skipped)
   rounds/s  full scans completed per second (sysfs full_scans)
   shared sharing unshared volatile   sysfs pages_*
   zero      pages merged with the zero page (ksm_zero_pages)
@@ -71,7 +72,8 @@ def human(n: float) -> str:
     return str(n)
 
 
-HEADER = (f"{'time':>8} {'run':>3} {'scan/s':>9} {'rounds/s':>8} {'shared':>7} {'sharing':>8} "
+HEADER = (f"{'time':>8} {'run':>3} {'scan/s':>9} {'skip/s':>7} {'rounds/s':>8} {'shared':>7} "
+          f"{'sharing':>8} "
           f"{'unshared':>8} {'volatile':>8} {'zero':>6} {'merge/s':>8} {'fail/s':>6} "
           f"{'cow/s':>7} {'rm/s':>6} {'saved':>8} {'lost':>5}")
 
@@ -87,7 +89,8 @@ def format_line(s: Snapshot) -> str:
         return f"{r[name]:.0f}" if name in r else "-"
 
     line = (f"{time.strftime('%H:%M:%S', time.localtime(s.wall)):>8} {_opt(k.run):>3} "
-            f"{rate('pages_scanned'):>9} {rate('full_scans'):>8} {_opt(k.pages_shared):>7} "
+            f"{rate('pages_scanned'):>9} {rate('pages_skipped'):>7} {rate('full_scans'):>8} "
+            f"{_opt(k.pages_shared):>7} "
             f"{_opt(k.pages_sharing):>8} {_opt(k.pages_unshared):>8} "
             f"{_opt(k.pages_volatile):>8} {_opt(k.ksm_zero_pages):>6} "
             f"{rate('merges'):>8} {rate('merge_failures'):>6} {rate('cow_ksm'):>7} "

@@ -97,3 +97,20 @@ def test_timeline_has_rounds_and_per_process_instants(tmp_path):
     assert len({e["pid"] for e in merges}) == 3
     names = {e["pid"] for e in ev if e["ph"] == "M"}
     assert {e["pid"] for e in merges} <= names
+
+
+def test_collector_memory_is_bounded_under_process_churn():
+    import dataclasses
+
+    from ksmtrace import collector as collector_mod
+
+    ticks = list(Recording(FIX).ticks())
+    base = next(t for t in ticks if t.counters.processes)
+    template = base.counters.processes[0]
+    col = Collector("replay")
+    for i in range(collector_mod.MAX_EXITED * 4):
+        # a new short-lived process every tick
+        procs = (dataclasses.replace(template, pid=100000 + i),)
+        c = dataclasses.replace(base.counters, mono=base.counters.mono + i, processes=procs)
+        col.add_tick(dataclasses.replace(base, seq=i, counters=c, events=b""))
+    assert len(col._procs) <= collector_mod.MAX_EXITED + 2
