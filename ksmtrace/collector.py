@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from ksmtrace.kernel.procfs import KsmStat
 from ksmtrace.model import (
     BPF_COUNTERS,
     RATE_COUNTERS,
@@ -59,6 +60,7 @@ class _Proc:
     merges_prev: int = 0
     cow_prev: int = 0
     alive: bool = True
+    stat: KsmStat | None = None  # last ksm_stat seen (kept once the process exits)
 
 
 @dataclass
@@ -153,7 +155,7 @@ class Collector:
         alive = {ps.pid for ps in c.processes}
         for ps in c.processes:
             p = self._proc(ps.pid)
-            p.comm, p.cgroup, p.alive = ps.comm, ps.cgroup, True
+            p.comm, p.cgroup, p.alive, p.stat = ps.comm, ps.cgroup, True, ps.stat
         b = tick.bpf
         if b is not None:
             self._owner.update(b.owners)
@@ -198,10 +200,10 @@ class Collector:
         rows = []
         for pid, p in self._procs.items():
             ps = stats.get(pid)
-            st = ps.stat if ps else None
+            st = ps.stat if ps else p.stat
             dm, dc = p.merges - p.merges_prev, p.cow - p.cow_prev
             p.merges_prev, p.cow_prev = p.merges, p.cow
-            if ps is None and not p.merges and not p.cow:
+            if st is None and not p.merges and not p.cow:
                 continue
             rows.append(ProcessRow(
                 pid=pid,
