@@ -21,7 +21,7 @@ from ksmtrace.kernel import capabilities as caps
 from ksmtrace.kernel import procfs, sysfs
 from ksmtrace.model import EVENT_SIZE, EventKind, iter_events
 from ksmtrace.sources.live import LiveSource
-from ksmtrace.workload import Workload, WorkloadSpec
+from ksmtrace.workload import Workload, WorkloadSpec, other_ksm_users
 
 pytestmark = pytest.mark.kernel
 
@@ -35,9 +35,8 @@ def facts() -> caps.Facts:
 def quiet_ksm():
     """Exact deltas need ksmd stopped and no other process mergeable."""
     assert sysfs.read_knob("run") == 0, "ksmd is running: another KSM user is active"
-    others = [(p.pid, p.comm) for p in procfs.ksm_processes()
-              if p.stat.known_to_ksm]
-    assert not others, f"other processes are registered with KSM: {others}"
+    others = other_ksm_users()
+    assert not others, f"other processes use KSM: {', '.join(map(str, others))}"
 
 
 def traced(facts, stream=False, force=None):
