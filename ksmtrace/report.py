@@ -1,256 +1,594 @@
 """`ksmtrace record`, `report` and `timeline`: write a recording, summarise
-one, and turn one into a Chrome/Perfetto trace."""
+one stage by stage, and turn one into a Chrome/Perfetto trace.
+
+`report` replays the recording through the same Collector `stat` uses and
+reports its final snapshot, so a report's totals are the live run's totals.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno as errno_mod
 import json
 import os
 import platform
 import socket
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import dataclass
 from typing import Any
 
 from ksmtrace import session
 from ksmtrace.collector import Collector
+from ksmtrace.errors import BadRecording, Exit, KsmtraceError
 from ksmtrace.model import (
+    EVENT_SIZE,
+    MERGE_KIND_NAMES,
     CowKind,
     EventKind,
-    MergeKind,
+    ProbeStatus,
     Snapshot,
     iter_events,
 )
-from ksmtrace.record import Recorder, probe_json
+from ksmtrace.record import Recorder, probe_to_json
 from ksmtrace.sources.replay import ReplaySource
 
-RECORD_EPILOG = """\
+EPILOG = """\
 examples:
-  sudo ksmtrace record -o ksm.rec                 until Ctrl-C, a tick per second
+  sudo ksmtrace record -o ksm.rec                 a tick per second until Ctrl-C
   sudo ksmtrace record -o ksm.rec --duration 60 0.5
   ksmtrace report ksm.rec                         what happened, stage by stage
+  ksmtrace report ksm.rec --json | jq .merging
   ksmtrace timeline ksm.rec -o trace.json         open in ui.perfetto.dev or chrome://tracing
 """
 
+PROGRESS_EVERY = 10.0  # seconds between progress lines when stderr is not a terminal
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("record", help="record KSM's events and counters to a file",
-                       description="Record every tick (counter poll, in-kernel aggregates, "
-                       "raw events) to a file that `report`, `timeline` and replay read.",
-                       epilog=RECORD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-o", "--output", required=True, help="recording file to write")
-    p.add_argument("--duration", type=float, default=0, help="stop after S seconds")
-    p.add_argument("interval", nargs="?", type=float, default=1.0, help="seconds per tick")
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "record", help="record KSM's events and counters to a file",
+        description="Record every tick (counter poll, in-kernel aggregates, raw events)\n"
+        "to FILE, flushed tick by tick, until Ctrl-C, SIGTERM or --duration.\n"
+        "`report`, `timeline` and replay read it.",
+        epilog=EPILOG, formatter_class=fmt)
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="recording to write (replaced if it exists)")
+    p.add_argument("--duration", type=float, default=0.0, metavar="S",
+                   help="stop after S seconds (default: until Ctrl-C or SIGTERM)")
+    p.add_argument("interval", nargs="?", type=float, default=1.0,
+                   help="seconds per tick (default 1)")
     session.add_source_options(p, stream_default=True)
     p.set_defaults(func=run_record)
 
-    p = sub.add_parser("report", help="summarise a recording, stage by stage",
-                       description="Replay a recording through the collector and report "
-                       "totals per stage, per process, histograms, the probe plan and lost "
-                       "events.", epilog=RECORD_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("file")
-    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p = sub.add_parser(
+        "report", help="summarise a recording, stage by stage",
+        description="Replay a recording through the collector and report, per stage,\n"
+        "its totals and histograms, the per-process table, the probe plan (with\n"
+        "missed probes) and lost events.",
+        epilog=EPILOG, formatter_class=fmt)
+    p.add_argument("file", help="a recording made by `ksmtrace record`")
+    p.add_argument("-j", "--json", action="store_true", help="one JSON object")
     p.set_defaults(func=run_report)
 
-    p = sub.add_parser("timeline", help="a recording as Chrome/Perfetto trace-event JSON",
-                       description="Scan rounds become slices on a ksmd track; merges and "
-                       "COW breaks become instants on each process's track.",
-                       epilog=RECORD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("file")
-    p.add_argument("-o", "--output", required=True, help="trace JSON to write")
+    p = sub.add_parser(
+        "timeline", help="a recording as Chrome/Perfetto trace-event JSON",
+        description="Write Chrome/Perfetto trace-event JSON: scan rounds become slices\n"
+        "on a ksmd track, merges and copy-on-write breaks instants on their\n"
+        "process's track, KSM page counts a counter track.",
+        epilog=EPILOG, formatter_class=fmt)
+    p.add_argument("file", help="a recording made by `ksmtrace record`")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="trace JSON to write")
     p.set_defaults(func=run_timeline)
 
 
 # ------------------------------------------------------------------ record
+class UsageError(KsmtraceError):
+    exit_code = Exit.USAGE
+
+
+def _progress(tty: bool, rec: Recorder, end: str) -> None:
+    line = (f"ksmtrace record: {rec.ticks} ticks, {rec.events} events, "
+            f"{rec.bytes / 1e6:.2f} MB")
+    print(("\r" + line) if tty else line, end=end, file=sys.stderr, flush=True)
+
+
+def recording_header(src: Any, interval: float) -> dict[str, Any]:
+    """What a recording says about where it comes from (an entered source:
+    its probe statuses are the attached ones)."""
+    facts, plan = getattr(src, "facts", None), getattr(src, "plan", None)
+    return {
+        "kernel": platform.release(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started_unix": time.time(),
+        "interval": interval,
+        "source": src.kind,
+        "pids": getattr(src, "pids", None),  # -p: the only processes sampled
+        "probes": [probe_to_json(p) for p in src.probes],
+        "cow_estimated": src.cow_estimated,
+        "notes": list(src.notes),
+        "facts": facts.as_dict() if facts is not None else None,
+        "plan": plan.as_dict() if plan is not None else None,
+    }
+
+
 def run_record(args: argparse.Namespace) -> int:
+    from ksmtrace.cli import Terminated  # raised by the CLI's SIGTERM handler
+
+    if args.interval <= 0:
+        raise UsageError(f"interval must be > 0, not {args.interval:g}")
+    if args.duration < 0:
+        raise UsageError(f"--duration must be >= 0, not {args.duration:g}")
     src = session.open_source(args, need_bpf=True)
     with src:
         session.enforce_strict(args, src.probes)
-        header = {
-            "kernel": platform.release(),
-            "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "interval": args.interval,
-            "source": src.kind,
-            "probes": [probe_json(p) for p in src.probes],
-            "cow_estimated": src.cow_estimated,
-            "notes": list(src.notes),
-            "facts": src.facts.as_dict(),
-            "plan": src.plan.as_dict(),
-        }
-        count = int(args.duration / args.interval) if args.duration else 0
+        header = recording_header(src, args.interval)
+        # the first tick is taken at once, then one per interval: count more
+        count = round(args.duration / args.interval) if args.duration else 0
         tty = sys.stderr.isatty()
-        with Recorder(args.output, header) as rec:
+        stopped = "duration reached" if count else "stopped"
+        try:
+            rec = Recorder(args.output, header)
+        except OSError as e:
+            raise KsmtraceError(f"cannot write the recording {args.output}: {e.strerror}",
+                                "check the path and its directory's permissions") from e
+        with rec:
+            last_line = time.monotonic()
             try:
                 for tick in src.ticks(args.interval, count):
                     rec.write(tick)
+                    now = time.monotonic()
                     if tty:
-                        print(f"\rksmtrace record: {rec.ticks} ticks, {rec.events} events, "
-                              f"{rec.bytes / 1e6:.1f} MB", end="", file=sys.stderr, flush=True)
+                        _progress(True, rec, "")
+                    elif now - last_line >= PROGRESS_EVERY:
+                        _progress(False, rec, "\n")
+                        last_line = now
             except KeyboardInterrupt:
-                pass  # Ctrl-C ends a recording; what was written is complete
-            print(f"\nksmtrace record: wrote {args.output}: {rec.ticks} ticks, "
-                  f"{rec.events} events", file=sys.stderr)
+                stopped = "stopped by Ctrl-C"
+            except Terminated:
+                stopped = "stopped by SIGTERM"
+            rec.close()  # END, with signals held: a second Ctrl-C cannot cut it
+            if tty:
+                print(file=sys.stderr)
+            print(f"ksmtrace record: {stopped}: wrote {args.output}: {rec.ticks} ticks, "
+                  f"{rec.events} events, {rec.bytes} bytes", file=sys.stderr)
     return 0
 
 
 # ------------------------------------------------------------------ report
-def replay_all(path: str) -> tuple[ReplaySource, list[Snapshot], dict[int, int]]:
-    src = ReplaySource(path)
-    col = Collector(src.kind, src.probes, src.notes, src.cow_estimated)
-    snaps = []
-    event_counts: dict[int, int] = {}
-    for tick in src.ticks():
-        snaps.append(col.add_tick(tick))
-        for e in iter_events(tick.events):
-            event_counts[e.kind] = event_counts.get(e.kind, 0) + 1
-    if not snaps:
-        from ksmtrace.errors import BadRecording
-        raise BadRecording(f"{path} holds no complete tick", "record for at least one interval")
-    return src, snaps, event_counts
+@dataclass
+class Replayed:
+    """A recording run through the collector: its source (closed), the first
+    and last snapshots, the tick count, and the events counted by kind (from
+    the raw blobs, without decoding them)."""
+
+    source: ReplaySource
+    first: Snapshot
+    last: Snapshot
+    ticks: int
+    events_by_kind: dict[str, int]
 
 
-STAGE_TOTALS = {
-    "searching": ("pages_scanned", "full_scans", "scan_rounds", "scan_batches",
-                  "pages_compared", "advisor_runs"),
-    "merging": ("merges", "merges_new_ksm_page", "merges_into_ksm_page", "merges_zero_page",
-                "merge_failures", "merged_pages", "ksm_zero_pages"),
-    "counting": ("mm_enters", "mm_exits", "owners_resolved"),
-    "updating": ("cow_ksm", "cow_breaks", "cow_writes", "cow_unshares", "wp_faults",
-                 "ksm_pages_removed", "rmap_items_removed", "unshares"),
+def count_kinds(blob: bytes, counts: dict[int, int]) -> None:
+    """Add the events in `blob` to `counts` by kind, reading only the kind
+    field (offset 52; every kind fits in its low byte)."""
+    kinds = blob[52::EVENT_SIZE]
+    for k in set(kinds):
+        counts[k] = counts.get(k, 0) + kinds.count(k)
+
+
+def replay(path: str) -> Replayed:
+    first = last = None
+    n = 0
+    kinds: dict[int, int] = {}
+    with ReplaySource(path) as src:
+        col = Collector(src.kind, src.probes, src.notes, src.cow_estimated)
+        for tick in src.ticks():
+            last = col.add_tick(tick)  # snapshots are totals since start: keep two
+            first = first or last
+            n += 1
+            count_kinds(tick.events, kinds)
+    if first is None or last is None:
+        raise BadRecording(f"{path} holds no complete tick: record for at least one interval")
+    by_kind = {(EventKind(k).name.lower() if k in EventKind._value2member_map_ else str(k)): c
+               for k, c in sorted(kinds.items())}
+    return Replayed(src, first, last, n, by_kind)
+
+
+# BPF counters and the probe that must be traced (not polled, not missed) for
+# them to mean anything; where it is not, the report says "not observed"
+# instead of printing a misleading 0.
+FIGURE_PROBE = {
+    "scan_rounds": "scan_rounds",
+    "scan_batches": "scan_batches",
+    "pages_compared": "page_compares",
+    "merges": "merges",
+    "merge_failures": "merges",
+    "mm_enters": "mm_owners",
+    "mm_exits": "mm_owners",
+    "owners_resolved": "mm_owners",
+    "cow_breaks": "cow_breaks",
+    "cow_writes": "cow_breaks",
+    "cow_unshares": "cow_breaks",
+    "wp_faults": "cow_breaks",
+    "unshares": "unshares",
+    "ksm_pages_removed": "stable_removals",
+    "rmap_items_removed": "stable_removals",
+    **{f"merges_{k}": "merges" for k in MERGE_KIND_NAMES},
+    **{f"merge_failures_{k}": "merges" for k in MERGE_KIND_NAMES},
 }
 
 
-DIRECT_COW = ("cow_breaks", "cow_writes", "cow_unshares")
+def _traced(probes: dict[str, ProbeStatus], figure: str, cow_estimated: bool) -> bool:
+    p = probes.get(FIGURE_PROBE.get(figure, ""))
+    if p is None or not p.attached or p.method in (None, "polling"):
+        return False
+    # estimated COW counts write-protect faults, not the breaks themselves
+    if figure in ("cow_breaks", "cow_writes", "cow_unshares"):
+        return not cow_estimated
+    if figure == "wp_faults":
+        return cow_estimated
+    return True
+
+
+def _hist(slots: dict[int, int]) -> list[dict[str, int]]:
+    """log2 slot s counts durations in [2**s, 2**(s+1)) ns."""
+    return [{"slot": s, "low_ns": 2 ** s, "high_ns": 2 ** (s + 1), "count": n}
+            for s, n in sorted(slots.items()) if n]
+
+
+def _errno_label(key: str) -> str:
+    """'into_ksm_page:-16' -> 'into_ksm_page: -16 EBUSY'."""
+    kind, _, err = key.rpartition(":")
+    try:
+        e = int(err)
+    except ValueError:
+        return key
+    return f"{kind}: {e} {errno_mod.errorcode.get(abs(e), '?')}"
 
 
 def summarise(path: str) -> dict[str, Any]:
-    src, snaps, event_counts = replay_all(path)
-    last = snaps[-1]
-    h = src.recording.header
+    """The report as one JSON-able dict (what `report --json` prints)."""
+    r = replay(path)
+    first, last = r.first, r.last
+    h = r.source.header
+    rec = r.source.recording
+    probes = {p.probe: p for p in last.probes}
+    t = last.totals
+    est = last.cow_estimated
+
+    def fig(name: str) -> int | None:
+        """A traced total, or None where its probe did not observe it."""
+        if name in FIGURE_PROBE and not _traced(probes, name, est):
+            return None
+        return t.get(name)
+
+    facts = h.get("facts") or {}
+    advisor = bool((facts.get("tracepoints") or {}).get("ksm:ksm_advisor"))
+    processes = [{
+        "pid": p.pid, "comm": p.comm, "cgroup": p.cgroup, "merges": p.merges,
+        "merging_pages": p.merging_pages, "zero_pages": p.zero_pages,
+        "rmap_items": p.rmap_items, "profit_bytes": p.profit_bytes,
+        "cow_breaks": p.cow_breaks, "cow_estimated": p.cow_estimated,
+    } for p in last.processes]
     return {
         "file": path,
+        "format": rec.version,
+        "recorded_by": h.get("ksmtrace"),
         "kernel": h.get("kernel"),
         "host": h.get("host"),
         "started": h.get("started"),
-        "ticks": len(snaps),
-        "seconds": round(last.wall - snaps[0].wall, 3),
-        "truncated": src.recording.truncated,
-        # where COW is estimated no probe counted COW breaks directly: leave
-        # those (zero) figures out rather than print a misleading 0
-        "stages": {s: {k: last.totals[k] for k in keys if k in last.totals
-                       and not (last.cow_estimated and k in DIRECT_COW)}
-                   for s, keys in STAGE_TOTALS.items()},
-        "totals": last.totals,
-        "histograms": {k: {str(2 ** slot): n for slot, n in sorted(v.items())}
-                       for k, v in last.hist.items() if v},
-        "merge_failures_by_errno": last.errors,
-        "processes": [asdict(r) for r in last.processes],
-        "probes": [asdict(p) for p in last.probes],
-        "cow_estimated": last.cow_estimated,
+        "interval": h.get("interval"),
+        "first_tick_unix": first.wall,
+        "last_tick_unix": last.wall,
+        "seconds": round(last.wall - first.wall, 3),
+        "ticks": r.ticks,
+        "closed": rec.end is not None,  # False: the recorder was killed
+        "truncated": rec.truncated,  # True: a cut-off last record was dropped
+        "searching": {
+            "scan_rounds": fig("scan_rounds"),
+            "full_scans": t.get("full_scans"),
+            "pages_scanned": t.get("pages_scanned"),
+            "pages_skipped": t.get("pages_skipped"),
+            "scan_batches": fig("scan_batches"),
+            "pages_compared": fig("pages_compared"),
+            **({"advisor_runs": t.get("advisor_runs")} if advisor else {}),
+            "round_duration": _hist(last.hist.get("scan_round_seconds", {})),
+            "batch_duration": _hist(last.hist.get("scan_batch_seconds", {})),
+        },
+        "merging": {
+            "merges": fig("merges"),
+            "by_kind": {k: fig(f"merges_{k}") for k in MERGE_KIND_NAMES},
+            "failures": fig("merge_failures"),
+            "failures_by_kind": {k: fig(f"merge_failures_{k}") for k in MERGE_KIND_NAMES},
+            "failures_by_errno": dict(sorted(last.errors.items())),
+            "merged_pages": t.get("merged_pages"),  # Δ(pages_shared + pages_sharing)
+            "ksm_zero_pages": t.get("ksm_zero_pages"),
+            "latency": _hist(last.hist.get("merge_latency_seconds", {})),
+        },
+        "counting": {
+            "mm_enters": fig("mm_enters"),
+            "mm_exits": fig("mm_exits"),
+            "owners_resolved": fig("owners_resolved"),
+            "processes": processes,
+        },
+        "updating": {
+            # the kernel's exact count; per process it is split by
+            # write-protect faults where `cow_estimated`
+            "cow_ksm": t.get("cow_ksm"),
+            "cow_estimated": est,
+            "cow_breaks": fig("cow_breaks"),
+            "cow_writes": fig("cow_writes"),
+            "cow_unshares": fig("cow_unshares"),
+            "wp_faults": fig("wp_faults"),
+            "stable_nodes_removed": fig("ksm_pages_removed"),
+            "rmap_items_removed": fig("rmap_items_removed"),
+            "unshares": fig("unshares"),
+            "cow_latency": _hist(last.hist.get("cow_latency_seconds", {})),
+            "unshare_latency": _hist(last.hist.get("unshare_latency_seconds", {})),
+        },
+        "probes": [probe_to_json(p) for p in last.probes],
+        "missed_probes": [p.probe for p in last.missed_probes],
+        "notes": list(last.notes),
         "lost_events": last.lost_events,
-        "events_recorded": sum(event_counts.values()),
-        "events_by_kind": {EventKind(k).name.lower(): n for k, n in sorted(event_counts.items())},
+        "events": {"recorded": sum(r.events_by_kind.values()),
+                   "sent": t.get("events_sent"), "by_kind": r.events_by_kind},
+        "totals": t,  # the collector's final totals, every name
     }
+
+
+MERGE_KIND_LABELS = {"new_ksm_page": "new KSM page (pair)", "into_ksm_page": "into a KSM page",
+                     "zero_page": "into the zero page"}
+
+
+def _duration(ns: int) -> str:
+    for unit, scale in (("s", 1e9), ("ms", 1e6), ("us", 1e3)):
+        if ns >= scale:
+            return f"{ns / scale:.3g}{unit}"
+    return f"{ns}ns"
+
+
+def _num(v: int | None, note: str = "") -> str:
+    if v is None:
+        return f"{'-':>12}  not observed on this kernel"
+    return f"{v:>12}" + (f"  {note}" if note else "")
+
+
+def _hist_lines(title: str, slots: list[dict[str, int]]) -> list[str]:
+    if not slots:
+        return []
+    out = [f"  {title} (log2 buckets)"]
+    width = max(s["count"] for s in slots)
+    for s in slots:
+        span = f"{_duration(s['low_ns'])} .. {_duration(s['high_ns'])}"
+        out.append(f"    {span:>20} {s['count']:>9} {'#' * max(1, 40 * s['count'] // width)}")
+    return out
+
+
+def format_report(r: dict[str, Any]) -> str:
+    name = os.path.basename(r["file"])
+    state = ("closed in order" if r["closed"] else "not closed by its recorder (killed?)")
+    if r["truncated"]:
+        state += "; a cut-off last record was dropped"
+    out = [f"recording {name}: {r['ticks']} ticks over {r['seconds']:g} s "
+           f"(interval {r['interval']} s), {state}",
+           f"  kernel {r['kernel']} on {r['host']}, started {r['started']}, "
+           f"ksmtrace {r['recorded_by']}, format {r['format']}"]
+
+    def row(label: str, v: int | None, note: str = "") -> None:
+        out.append(f"  {label:37}{_num(v, note)}")
+
+    s = r["searching"]
+    out.append("\nsearching")
+    row("scan rounds (traced)", s["scan_rounds"])
+    row("full scans (sysfs)", s["full_scans"])
+    row("pages scanned (sysfs)", s["pages_scanned"])
+    row("pages skipped (sysfs)", s["pages_skipped"])
+    row("scan batches (traced)", s["scan_batches"])
+    row("pages compared (traced)", s["pages_compared"])
+    if "advisor_runs" in s:
+        row("advisor runs (traced)", s["advisor_runs"])
+    out += _hist_lines("scan round duration", s["round_duration"])
+    out += _hist_lines("scan batch duration", s["batch_duration"])
+
+    m = r["merging"]
+    out.append("\nmerging")
+    row("merges (traced)", m["merges"])
+    for k, v in m["by_kind"].items():
+        row(f"  {MERGE_KIND_LABELS[k]}", v)
+    row("failed merge attempts (traced)", m["failures"])
+    for k, v in m["failures_by_errno"].items():
+        row(f"  {_errno_label(k)}", v)
+    row("merged pages (sysfs shared+sharing)", m["merged_pages"], "change over the recording")
+    row("zero-page merges (sysfs)", m["ksm_zero_pages"], "change over the recording")
+    out += _hist_lines("merge latency", m["latency"])
+
+    c = r["counting"]
+    u = r["updating"]
+    out.append("\ncounting")
+    row("mms entering KSM (traced)", c["mm_enters"])
+    row("mms leaving KSM (traced)", c["mm_exits"])
+    est = u["cow_estimated"]
+    out.append(f"  {'pid':>8} {'comm':16} {'merges':>8} {'merging':>8} {'zero':>6} "
+               f"{'cow':>8} {'profit':>12}")
+    for p in c["processes"]:
+        dash = "-"
+        cow = f"{'~' if p['cow_estimated'] else ''}{p['cow_breaks']}"
+        out.append(f"  {p['pid']:>8} {p['comm'][:16]:16} {p['merges']:>8} "
+                   f"{p['merging_pages'] if p['merging_pages'] is not None else dash:>8} "
+                   f"{p['zero_pages'] if p['zero_pages'] is not None else dash:>6} "
+                   f"{cow:>8} "
+                   f"{p['profit_bytes'] if p['profit_bytes'] is not None else dash:>12}")
+    if not c["processes"]:
+        out.append("  (no process used KSM)")
+    out.append("  merging, zero, profit: the process's last ksm_stat (bytes for profit)")
+    if est:
+        out.append("  ~ estimated: the exact cow_ksm count split by each process's "
+                   "write-protect faults (no kprobe/fentry on do_wp_page on this kernel)")
+
+    out.append("\nupdating")
+    row("cow breaks (/proc/vmstat cow_ksm)", u["cow_ksm"], "exact, all processes")
+    if est:
+        row("write-protect faults (traced)", u["wp_faults"], "basis of the per-process estimate")
+    else:
+        row("cow breaks (traced)", u["cow_breaks"])
+        row("  by a write", u["cow_writes"])
+        row("  by an unshare", u["cow_unshares"])
+    row("stable nodes removed (traced)", u["stable_nodes_removed"])
+    row("rmap items removed (traced)", u["rmap_items_removed"])
+    row("unshares (traced)", u["unshares"])
+    out += _hist_lines("cow latency", u["cow_latency"])
+    out += _hist_lines("unshare latency", u["unshare_latency"])
+
+    out.append("\nprobes")
+    out += [f"  {line}" for line in session.describe_probes(
+        tuple(ProbeStatus(p["probe"], p["stage"], p["method"], tuple(p["targets"]),
+                          p["attached"], p["estimated"], p["error"]) for p in r["probes"]))]
+    if r["missed_probes"]:
+        out.append(f"  missed: {', '.join(r['missed_probes'])}")
+    out += [f"  note: {n}" for n in r["notes"]]
+
+    ev = r["events"]
+    kinds = ", ".join(f"{k} {n}" for k, n in ev["by_kind"].items())
+    out.append(f"\nevents: {ev['recorded']} recorded ({kinds or 'none'}), "
+               f"lost {r['lost_events']}")
+    return "\n".join(out)
 
 
 def run_report(args: argparse.Namespace) -> int:
     r = summarise(args.file)
     if args.json:
-        json.dump(r, sys.stdout, indent=2, default=str)
-        print()
-        return 0
-    out = [f"recording {r['file']}: {r['ticks']} ticks over {r['seconds']} s, "
-           f"kernel {r['kernel']} on {r['host']}, started {r['started']}"
-           + (" (truncated)" if r["truncated"] else "")]
-    for stage, figures in r["stages"].items():
-        out.append(f"\n{stage}")
-        for k, v in figures.items():
-            est = " (estimated per process)" if k == "cow_ksm" and r["cow_estimated"] else ""
-            out.append(f"  {k:28}{v:>12}{est}")
-    for name, slots in r["histograms"].items():
-        out.append(f"\n{name} (log2 buckets, ns lower bound: count)")
-        width = max(slots.values())
-        for lo, n in slots.items():
-            out.append(f"  {int(lo):>14} {n:>9} {'#' * max(1, 40 * n // width)}")
-    if r["merge_failures_by_errno"]:
-        out.append("\nmerge failures by kind:errno")
-        out += [f"  {k:28}{v:>12}" for k, v in r["merge_failures_by_errno"].items()]
-    out.append(f"\n{'pid':>8} {'comm':16} {'merges':>8} {'merging':>8} {'cow':>8} {'profit':>12}")
-    for p in r["processes"]:
-        est = "~" if p["cow_estimated"] else ""
-        out.append(f"{p['pid']:>8} {p['comm'][:16]:16} {p['merges']:>8} "
-                   f"{p['merging_pages'] if p['merging_pages'] is not None else '-':>8} "
-                   f"{est}{p['cow_breaks']:>7} {p['profit_bytes'] or 0:>12}")
-    if r["cow_estimated"]:
-        out.append("  ~ estimated: the exact cow_ksm delta split by write-protect faults")
-    out.append("\nprobes")
-    for p in r["probes"]:
-        how = f"{p['method']} {'+'.join(p['targets'])}" if p["attached"] else \
-            f"MISSED ({p['error']})"
-        out.append(f"  {p['stage']}/{p['probe']}: {how}")
-    out.append(f"\nevents recorded {r['events_recorded']}, lost {r['lost_events']}")
-    print("\n".join(out))
+        print(json.dumps(r, indent=2))
+    else:
+        print(format_report(r))
     return 0
 
 
 # ---------------------------------------------------------------- timeline
-def timeline(path: str) -> dict[str, Any]:
-    src = ReplaySource(path)
-    trace: list[dict[str, Any]] = []
-    t0: int | None = None
-    starts: dict[int, int] = {}
-    names: dict[int, str] = {0: "ksmd (scan rounds)"}
+KSMD_SORT = -1  # ksmd's track first
+
+
+def _errname(err: int) -> str:
+    return "ok" if err == 0 else errno_mod.errorcode.get(abs(err), str(err))
+
+
+def _timeline_events(src: ReplaySource) -> tuple[list[dict[str, Any]], dict[int, str], int | None]:
+    """Trace events with "ts" in ns and pid None for ksmd's track; pid ->
+    comm; ksmd's pid (from the scan events)."""
+    raw: list[dict[str, Any]] = []
+    starts: dict[int, int] = {}  # scan seq -> start ns
+    names: dict[int, str] = {}
+    ksmd = None
     for tick in src.ticks():
-        if tick.bpf:
-            for pid, comm in tick.bpf.comms.items():
-                names.setdefault(pid, f"{comm} ({pid})")
         for p in tick.counters.processes:
-            names.setdefault(p.pid, f"{p.comm} ({p.pid})")
-        owners = tick.bpf.owners if tick.bpf else {}
+            names.setdefault(p.pid, p.comm)
+        owners: dict[int, int] = {}
+        if tick.bpf is not None:
+            owners = tick.bpf.owners
+            for pid, comm in tick.bpf.comms.items():
+                names.setdefault(pid, comm)
+        k = tick.counters.ksm
+        pages = {"shared": k.pages_shared, "sharing": k.pages_sharing, "zero": k.ksm_zero_pages}
+        raw.append({"name": "KSM pages", "ph": "C", "pid": None, "ts": tick.counters.mono * 1e9,
+                    "args": {n: v for n, v in pages.items() if v is not None}})
         for e in iter_events(tick.events):
-            t0 = e.ts_ns if t0 is None else t0
-            us = (e.ts_ns - t0) / 1000
-            k = EventKind(e.kind)
-            if k == EventKind.SCAN_START:
+            kind = EventKind(e.kind) if e.kind in EventKind._value2member_map_ else None
+            if kind == EventKind.SCAN_START:
+                ksmd = ksmd or e.tid
                 starts[e.scan_seq] = e.ts_ns
-            elif k == EventKind.SCAN_STOP:
+            elif kind == EventKind.SCAN_STOP:
+                ksmd = ksmd or e.tid
                 begin = starts.pop(e.scan_seq, None)
-                if begin is None and e.value:
+                if begin is None and e.value:  # started before the recording
                     begin = e.ts_ns - e.value
                 if begin is not None:
-                    trace.append({"name": f"scan round {e.scan_seq}", "ph": "X", "pid": 0,
-                                  "tid": 0, "ts": (begin - t0) / 1000,
-                                  "dur": max((e.ts_ns - begin) / 1000, 0.001),
-                                  "args": {"rmap_entries": e.rmap_entries}})
-            elif k in (EventKind.MERGE, EventKind.COW, EventKind.WP_FAULT):
+                    raw.append({"name": f"scan round {e.scan_seq}", "cat": "searching",
+                                "ph": "X", "pid": None, "ts": begin,
+                                "dur_ns": e.ts_ns - begin,
+                                "args": {"seq": e.scan_seq, "rmap_entries": e.rmap_entries}})
+            elif kind in (EventKind.MERGE, EventKind.COW, EventKind.WP_FAULT,
+                          EventKind.UNSHARE):
                 pid = e.pid or owners.get(e.mm, 0)
-                if k == EventKind.MERGE:
-                    name = f"merge {MergeKind(e.sub).name.lower()}" + (
-                        "" if e.err == 0 else f" err {e.err}")
-                elif k == EventKind.COW:
-                    name = f"cow {CowKind(e.sub).name.lower()}"
+                if kind == EventKind.MERGE:
+                    what = MERGE_KIND_NAMES[e.sub] if e.sub < len(MERGE_KIND_NAMES) \
+                        else str(e.sub)
+                    name = f"merge {what}" if e.err == 0 else \
+                        f"merge {what} failed ({_errname(e.err)})"
+                    cat = "merging"
+                elif kind == EventKind.COW:
+                    what = CowKind(e.sub).name.lower() if e.sub < 2 else str(e.sub)
+                    name, cat = f"cow break ({what})", "updating"
+                elif kind == EventKind.WP_FAULT:
+                    # tracepoint-only kernels: the basis of the COW estimate
+                    what = "wp_fault"
+                    name, cat = "write-protect fault (cow estimate)", "updating,estimated"
                 else:
-                    name = "write-protect fault"
-                trace.append({"name": name, "ph": "i", "s": "t", "pid": pid, "tid": pid,
-                              "ts": us, "args": {"pfn": e.pfn, "mm": hex(e.mm), "err": e.err}})
-    for pid, name in names.items():
-        trace.append({"name": "process_name", "ph": "M", "pid": pid, "tid": pid,
-                      "args": {"name": name}})
-    return {"traceEvents": trace, "displayTimeUnit": "ms",
-            "otherData": {"recording": os.path.basename(path),
-                          "kernel": src.recording.header.get("kernel")}}
+                    what, name, cat = "unshare", "unshare", "updating"
+                args = {"kind": what, "err": e.err, "pfn": hex(e.pfn), "mm": hex(e.mm)}
+                if e.value:
+                    args["latency_ns"] = e.value
+                raw.append({"name": name, "cat": cat, "ph": "i", "s": "t", "pid": pid,
+                            "tid": pid, "ts": e.ts_ns, "args": args})
+                if pid and kind != EventKind.MERGE:  # merges run in ksmd: its comm
+                    names.setdefault(pid, e.comm)
+            elif kind == EventKind.KSM_ENTER and e.pid:  # the registering task
+                names.setdefault(e.pid, e.comm)
+    return raw, names, ksmd
+
+
+def timeline(path: str) -> dict[str, Any]:
+    """The trace-event JSON object (Chrome's format, which Perfetto reads).
+
+    Timestamps are µs since the earliest thing recorded (the first tick or
+    event): the event clock (bpf_ktime_get_ns) and the ticks' time.monotonic()
+    are both CLOCK_MONOTONIC."""
+    with ReplaySource(path) as src:
+        raw, names, ksmd = _timeline_events(src)
+    t0 = min((ev["ts"] for ev in raw), default=0)
+    ksmd_pid = ksmd if ksmd is not None else -1  # -1: no scan events, a track of its own
+    trace: list[dict[str, Any]] = []
+    pids: set[int] = set()
+    for ev in raw:
+        ev["ts"] = round((ev["ts"] - t0) / 1000, 3)
+        if ev["pid"] is None:  # ksmd's track: scan rounds and KSM page counters
+            ev["pid"] = ev["tid"] = ksmd_pid
+        if "dur_ns" in ev:
+            ev["dur"] = max(round(ev.pop("dur_ns") / 1000, 3), 0.001)  # never a 0-length slice
+        pids.add(ev["pid"])
+        trace.append(ev)
+    meta = []
+    for pid in sorted(pids):
+        if pid == ksmd_pid:
+            pname, tname = "ksmd", "scan rounds"
+        elif pid == 0:
+            pname = tname = "(owner unknown)"
+        else:
+            pname = tname = f"{names.get(pid, '?')} {pid}"
+        meta.append({"name": "process_name", "ph": "M", "pid": pid, "tid": pid,
+                     "args": {"name": pname}})
+        meta.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": pid,
+                     "args": {"name": tname}})
+        if pid == ksmd_pid:
+            meta.append({"name": "process_sort_index", "ph": "M", "pid": pid, "tid": pid,
+                         "args": {"sort_index": KSMD_SORT}})
+    h = src.header
+    return {"traceEvents": meta + trace, "displayTimeUnit": "ms",
+            "otherData": {"recording": os.path.basename(path), "kernel": h.get("kernel"),
+                          "host": h.get("host"), "started": h.get("started"),
+                          "cow_estimated": src.cow_estimated}}
 
 
 def run_timeline(args: argparse.Namespace) -> int:
-    t = timeline(args.file)
-    with open(args.output, "w") as f:
-        json.dump(t, f)
+    t = timeline(args.file)  # a bad recording raises before anything is written
+    try:
+        with open(args.output, "w") as f:
+            json.dump(t, f, separators=(",", ":"))
+    except OSError as e:
+        raise KsmtraceError(f"cannot write {args.output}: {e.strerror}",
+                            "check the path and its directory's permissions") from e
     n = len(t["traceEvents"])
     print(f"ksmtrace timeline: wrote {args.output} ({n} trace events); open it in "
           "ui.perfetto.dev or chrome://tracing", file=sys.stderr)
     return 0
-
-
