@@ -316,7 +316,8 @@ def boot(
     cmd = qemu_command(image, disk, accel, opts)
     result = Boot(accel)
     t0 = time.monotonic()
-    deadline_boot, deadline_all = t0 + boot_timeout, t0 + opts.timeout
+    limit = guest_timeout(guest, opts)
+    deadline_boot, deadline_all = t0 + boot_timeout, t0 + limit
     lines: queue.Queue[bytes | None] = queue.Queue()
     with open(serial_log, "ab") as logf:
         logf.write(f"### {shlex.join(cmd)}\n".encode())
@@ -336,7 +337,7 @@ def boot(
             if not result.booted and now > deadline_boot:
                 result.timed_out = f"no KSMVM-BOOT within {boot_timeout:.0f}s"
             elif now > deadline_all:
-                result.timed_out = f"guest still running after {opts.timeout:.0f}s"
+                result.timed_out = f"guest still running after {limit:.0f}s"
             elif result.end_at is not None and now > result.end_at + 60:
                 result.timed_out = "guest did not power off within 60s of KSMVM-END"
             if result.timed_out:
@@ -373,6 +374,18 @@ def boot(
             f"{'; ' + result.timed_out if result.timed_out else ''}\n".encode()
         )
     return result
+
+
+def guest_timeout(guest: Guest, opts: argparse.Namespace) -> float:
+    """--timeout, or enough for boot, install and doctor (300 s), the smoke
+    check (240 s) and each backend's budget plus a minute: a bound that keeps
+    the worst case inside CI's time while never cutting a healthy run short."""
+    if opts.timeout:
+        return opts.timeout
+    backends = sum(1 for b in guest.backends if b in opts.backends)
+    smoke = 240 if (opts.smoke or opts.smoke_only) else 0
+    tests = 0 if opts.smoke_only else backends * (opts.backend_timeout + 60)
+    return 300 + smoke + tests
 
 
 def kvm_usable() -> str | None:
@@ -528,6 +541,12 @@ def backend_result(
     plan = load_json(out / f"doctor-{b}.json")
     probes = describe_plan(plan) if plan else "-"
     if rc is None:
+        log_file = out / f"pytest-{b}.log"
+        if log_file.is_file():  # started, never finished: the guest was killed meanwhile
+            lines = [x for x in log_file.read_text(errors="replace").splitlines() if x.strip()]
+            last = lines[-1].strip()[-120:] if lines else "(no output)"
+            g.problems.append(f"{b}: still running when the guest was stopped; last: {last}")
+            return BackendResult(b, "INCOMPLETE", "-", probes=probes)
         g.problems.append(f"{b}: the kernel tier did not run")
         return BackendResult(b, "NOT RUN", "-", probes=probes)
     counts = junit_counts(out / f"junit-{b}.xml")
@@ -544,6 +563,12 @@ def backend_result(
         r.status = "NO TESTS"
         msg = f"{b}: pytest collected no kernel-tier tests (exit 5)"
         (g.notes if opts.allow_empty else g.problems).append(msg)
+    elif rc in ("124", "137"):  # kernel-tier.sh's per-backend budget ran out
+        r.status = "TIMEOUT"
+        g.problems.append(
+            f"{b}: stopped after the {opts.backend_timeout}s budget per backend "
+            f"(JUnit XML has the tests done by then; see pytest-{b}.log)"
+        )
     elif rc != "0":
         r.status = "FAILED" if rc == "1" else "ERROR"
         g.problems.append(f"{b}: pytest exit {rc} (see pytest-{b}.log)")
@@ -644,6 +669,7 @@ def run_guest(guest: Guest, opts: argparse.Namespace, state: dict) -> GuestResul
         "SMOKE": "1" if (opts.smoke or opts.smoke_only) else "0",
         "PYTEST_ARGS": shlex.join(opts.pytest_args),
         "PYTEST_TIMEOUT": str(opts.pytest_timeout),
+        "BACKEND_TIMEOUT": str(opts.backend_timeout),
     }
     try:
         return boot_and_collect(guest, image, job, out, g, opts, state)
@@ -759,8 +785,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--timeout",
         type=float,
-        default=float(env("KSMTRACE_VM_TIMEOUT", "1200")),
-        help="seconds per guest, boot to power-off; QEMU is killed after it (default %(default)s)",
+        default=float(env("KSMTRACE_VM_TIMEOUT", "0")),
+        help="seconds per guest, QEMU start to power-off, after which QEMU is killed "
+        "(default: 300 + 240 with --smoke + (backend timeout + 60) per backend)",
+    )
+    p.add_argument(
+        "--backend-timeout",
+        type=int,
+        default=int(env("KSMTRACE_VM_BACKEND_TIMEOUT", "420")),
+        help="seconds for one backend's pytest run; then it is interrupted and the next "
+        "backend runs (default %(default)s)",
     )
     p.add_argument("--boot-timeout", type=float, default=300, help="seconds to the guest's init")
     p.add_argument(

@@ -3,7 +3,7 @@
 # after `ksmtrace doctor --json`. Shared by the QEMU harness guests
 # (tests/vm/guest/runner.sh) and the Vagrant box (vagrant/provision.sh).
 #
-# usage: kernel-tier.sh [-o RESULTS] [-b "BACKENDS"] [-n NAME] [-- PYTEST_ARGS...]
+# usage: kernel-tier.sh [-o RESULTS] [-b "BACKENDS"] [-n NAME] [-t SECONDS] [-- PYTEST_ARGS...]
 #        kernel-tier.sh --offered      print the backends this kernel offers, and exit
 #   -o  results directory (default ./build/kernel-tier); it gets
 #       doctor.json doctor.err doctor.rc ("absent" when the CLI has no doctor yet)
@@ -11,14 +11,18 @@
 #       pytest-B.rc, junit-B.xml
 #   -b  backends to force, in turn (default: every one the kernel offers)
 #   -n  a name for the JUnit suites (default: the host name)
-# env: KSMTRACE_VENV (default /opt/ksmtrace/venv), PYTEST_TIMEOUT (default 600 s per test)
+#   -t  time budget per backend: pytest gets SIGINT after it (it then stops,
+#       writes its JUnit XML and exits; SIGKILL 30 s later) and pytest-B.rc is
+#       124 or 137, so one hung test cannot eat the other backends' time
+#       (default: none)
+# env: KSMTRACE_VENV (default /opt/ksmtrace/venv), PYTEST_TIMEOUT (default 300 s per test)
 # Exit status 0 when doctor and every backend's tests passed, else 1.
 set -uo pipefail
 
 SRC=$(cd "$(dirname "$0")/../../.." && pwd)
 VENV=${KSMTRACE_VENV:-/opt/ksmtrace/venv}
 R=$SRC/build/kernel-tier
-BACKENDS="" NAME=$(hostname)
+BACKENDS="" NAME=$(hostname) BUDGET=""
 
 # What the kernel offers, independently of ksmtrace: fentry needs BTF, kprobe
 # needs kprobe events, the tracepoint backend needs the ksm:* tracepoints.
@@ -37,6 +41,7 @@ while [ $# -gt 0 ]; do
     -o) R=$2; shift 2 ;;
     -b) BACKENDS=$2; shift 2 ;;
     -n) NAME=$2; shift 2 ;;
+    -t) BUDGET=$2; shift 2 ;;
     --) shift; break ;;
     *) echo "kernel-tier.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -66,15 +71,25 @@ for b in $BACKENDS; do
   if [ "$have_doctor" = 1 ]; then
     ksmtrace doctor --json --attach "$b" > "$R/doctor-$b.json" 2>/dev/null
   fi
-  env KSMTRACE_ATTACH="$b" CI=true python -m pytest tests -m kernel -p no:cacheprovider \
-    --timeout="${PYTEST_TIMEOUT:-600}" --junitxml="$R/junit-$b.xml" -o junit_suite_name="$NAME-$b" \
-    "$@" 2>&1 | tee "$R/pytest-$b.log"
-  rc=${PIPESTATUS[0]}
+  budget=()
+  [ -n "$BUDGET" ] && budget=(timeout -k 30 -s INT "$BUDGET")
+  # Output to the file, and from there to the console: a pipe into tee would
+  # wait for any straggling child process that still holds it open.
+  : > "$R/pytest-$b.log"
+  "${budget[@]}" env KSMTRACE_ATTACH="$b" CI=true python -m pytest tests -m kernel \
+    -p no:cacheprovider --timeout="${PYTEST_TIMEOUT:-300}" --junitxml="$R/junit-$b.xml" \
+    -o junit_suite_name="$NAME-$b" "$@" > "$R/pytest-$b.log" 2>&1 &
+  pid=$!
+  tail -n +1 -f --pid="$pid" "$R/pytest-$b.log" &
+  wait "$pid"
+  rc=$?
+  wait  # for tail, which stops within a second of pytest
   echo "$rc" > "$R/pytest-$b.rc"
   sync
   case $rc in
     0) echo "KSMVM-RC pytest-$b=0 passed" ;;
     5) echo "KSMVM-RC pytest-$b=5 no tests collected"; failed=1 ;;
+    124 | 137) echo "KSMVM-RC pytest-$b=$rc TIMEOUT: stopped after ${BUDGET}s"; failed=1 ;;
     *) echo "KSMVM-RC pytest-$b=$rc FAILED"; failed=1 ;;
   esac
 done

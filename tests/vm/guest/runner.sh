@@ -6,7 +6,7 @@
 #
 # job.env (written by tests/vm/run.py):
 #   GUEST=trixie  BACKENDS="fentry kprobe tracepoint"  SMOKE=0|1  TESTS=0|1
-#   PYTEST_ARGS="..." (shell-quoted)  PYTEST_TIMEOUT=600
+#   PYTEST_ARGS="..." (shell-quoted)  PYTEST_TIMEOUT=300 (per test)  BACKEND_TIMEOUT=420
 set -uo pipefail
 
 GUEST_DIR=$(cd "$(dirname "$0")" && pwd)
@@ -52,8 +52,8 @@ fi
 if [ "${TESTS:-1}" = 1 ]; then
   step kernel-tier
   eval "set -- ${PYTEST_ARGS:-}"
-  PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-600} \
-    "$GUEST_DIR/kernel-tier.sh" -o "$R" -b "$BACKENDS" -n "$GUEST" -- "$@"
+  PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-300} \
+    "$GUEST_DIR/kernel-tier.sh" -o "$R" -b "$BACKENDS" -n "$GUEST" -t "$BACKEND_TIMEOUT" -- "$@"
   echo $? > "$R/kernel-tier.rc"
 fi
 step finished
