@@ -48,6 +48,7 @@ class LiveSource:
         self._perf_lost = 0
         self._seq = 0
         self._resolved: set[int] = set()
+        self._owner_pids: set[int] = set()
         self._exited: dict[int, MmStats] = {}
 
     # ------------------------------------------------------------------ setup
@@ -199,7 +200,7 @@ class LiveSource:
         which the RESOLVER program sees (bpf/ksmtrace.bpf.c)."""
         if "RESOLVER" not in self.spec.parts:
             return
-        known = set(int(v.pid) for v in self._bpf[b"owners"].values())
+        known = self._owner_pids  # from the previous tick's read of the map
         table = self._bpf[b"resolve"]
         tid = threading.get_native_id()
         for pid in pids:
@@ -225,6 +226,7 @@ class LiveSource:
         if self.spec.stream:
             self.poll(0)  # drain what is already there
         owners, comms = self.read_owners()
+        self._owner_pids = set(owners.values())
         self._drain_exited(owners)
         totals = self.read_totals(owners, comms)
         events, self._events = bytes(self._events), bytearray()
