@@ -28,7 +28,7 @@ if [ -n "$missing" ]; then
   say "installing Debian packages:$missing"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
-  apt-get install -y -q --no-install-recommends $missing
+  apt-get install -y -q $missing  # with recommends, as the packages were tested
 else
   say "Debian packages present"
 fi
