@@ -168,6 +168,17 @@ class MmStats:
 
 
 @dataclass(frozen=True)
+class ProgramCost:
+    """ksmtrace's own cost: one of its BPF programs, as the kernel's BPF
+    run-time statistics count it (kernel.bpf_stats_enabled, on only while
+    ksmtrace runs). Cumulative since the program was loaded."""
+
+    name: str
+    run_time_ns: int
+    run_count: int
+
+
+@dataclass(frozen=True)
 class BpfTotals:
     """In-kernel aggregates, monotonic since the programs were loaded."""
 
@@ -179,6 +190,7 @@ class BpfTotals:
     owners: dict[int, int]  # mm -> pid
     perf_lost: int = 0  # perf buffer's own lost-sample count
     comms: dict[int, str] = field(default_factory=dict)  # pid -> comm, when BPF saw it
+    programs: tuple[ProgramCost, ...] = ()  # our own programs' run time (BPF stats)
 
 
 @dataclass(frozen=True)
@@ -258,6 +270,7 @@ class Snapshot:
     lost_events: int = 0
     events: tuple[Event, ...] = ()  # this interval's events (bounded tail)
     notes: tuple[str, ...] = ()  # what this source cannot see, and why
+    programs: tuple[ProgramCost, ...] = ()  # ksmtrace's own BPF cost, since load
 
     @property
     def saved_bytes(self) -> int:
