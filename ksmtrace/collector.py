@@ -141,6 +141,7 @@ class Collector:
             lost_events=lost,
             events=events,
             notes=self.notes,
+            page_maps=tick.page_maps,
         )
 
     # ------------------------------------------------------------------

@@ -12,9 +12,10 @@ Coming out: an immutable `Snapshot` per interval. Views read snapshots only.
 from __future__ import annotations
 
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import IntEnum
 
+from ksmtrace.kernel.pagemap import PageMap
 from ksmtrace.kernel.procfs import KsmStat, KsmVmstat
 from ksmtrace.kernel.sysfs import KsmSysfs
 
@@ -210,6 +211,9 @@ class Tick:
     counters: CounterSample
     bpf: BpfTotals | None = None
     events: bytes = b""  # packed struct ksm_event, EVENT_SIZE each
+    # Page maps of the processes a view asked the source to watch (pid ->
+    # map, or why it could not be read). Live only; not recorded.
+    page_maps: dict[int, PageMap | str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------
@@ -271,6 +275,7 @@ class Snapshot:
     events: tuple[Event, ...] = ()  # this interval's events (bounded tail)
     notes: tuple[str, ...] = ()  # what this source cannot see, and why
     programs: tuple[ProgramCost, ...] = ()  # ksmtrace's own BPF cost, since load
+    page_maps: dict[int, PageMap | str] = field(default_factory=dict)  # see Tick
 
     @property
     def saved_bytes(self) -> int:
@@ -281,7 +286,7 @@ class Snapshot:
         return tuple(p for p in self.probes if not p.attached)
 
     def as_dict(self) -> dict:
-        d = asdict(self)
+        d = asdict(replace(self, page_maps={}))
         d["saved_bytes"] = self.saved_bytes
         d["ksm"] = self.ksm.as_dict()
         d["events"] = [asdict(e) for e in self.events]
