@@ -41,6 +41,23 @@ def sample(
     return CounterSample(mono, wall, ksm, vm, tuple(procs))
 
 
+def read_page_maps(pids, root: str | os.PathLike = "/") -> dict:
+    """Page maps of the watched processes (pid -> PageMap), or a one-line
+    reason per pid when its map cannot be read (not root, exited)."""
+    from ksmtrace.errors import KsmtraceError
+    from ksmtrace.kernel import pagemap
+
+    out: dict = {}
+    for pid in sorted(pids):
+        try:
+            out[pid] = pagemap.read_page_map(pid, root=root)
+        except KsmtraceError as e:
+            out[pid] = e.message
+        except OSError as e:  # vanished between reads of its files
+            out[pid] = f"process {pid}: {e.strerror or e}"
+    return out
+
+
 SYSFS_ONLY_NOTES = (
     "sysfs-only: no BPF; figures are the kernel's counters polled each interval",
     "not seen: individual merges (kinds, errno, pfn), merge latency, scan-round "
@@ -59,6 +76,7 @@ class SysfsSource:
     def __init__(self, root: str | os.PathLike = "/", pids: list[int] | None = None):
         self.root = root
         self.pids = pids
+        self.watch: set[int] = set()  # pids whose page map each tick carries
         self._seq = 0
         if os.geteuid() != 0:
             self.notes = self.notes + (
@@ -72,7 +90,8 @@ class SysfsSource:
 
     def tick(self) -> Tick:
         self._seq += 1
-        return Tick(self._seq, sample(self.root, pids=self.pids))
+        return Tick(self._seq, sample(self.root, pids=self.pids),
+                    page_maps=read_page_maps(self.watch, self.root) if self.watch else {})
 
     def ticks(self, interval: float, count: int = 0) -> Iterator[Tick]:
         return paced(self.tick, time.sleep, interval, count)

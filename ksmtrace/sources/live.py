@@ -50,6 +50,7 @@ class LiveSource:
         self._resolved: set[int] = set()
         self._owner_pids: set[int] = set()
         self._exited: dict[int, MmStats] = {}
+        self.watch: set[int] = set()  # pids whose page map each tick carries
 
     # ------------------------------------------------------------------ setup
     def __enter__(self) -> LiveSource:
@@ -231,7 +232,8 @@ class LiveSource:
         totals = self.read_totals(owners, comms)
         events, self._events = bytes(self._events), bytearray()
         self._seq += 1
-        return Tick(self._seq, c, totals, events)
+        maps = counters.read_page_maps(self.watch, self.root) if self.watch else {}
+        return Tick(self._seq, c, totals, events, maps)
 
     def ticks(self, interval: float, count: int = 0) -> Iterator[Tick]:
         """A tick at start, then one every `interval` seconds (count 0: forever);
