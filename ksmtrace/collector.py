@@ -34,6 +34,8 @@ def kernel_counter(s: CounterSample, name: str) -> int | None:
         return s.ksm.merged_pages
     if name == "cow_ksm":
         return s.vmstat.cow_ksm
+    if name == "ksmd_cpu_ticks":
+        return s.ksmd_cpu_ticks
     return getattr(s.ksm, name)
 
 

@@ -135,6 +135,7 @@ class CounterSample:
     ksm: KsmSysfs
     vmstat: KsmVmstat
     processes: tuple[ProcessSample, ...] = ()
+    ksmd_cpu_ticks: int | None = None  # ksmd's utime+stime (USER_HZ ticks); None: unknown
 
 
 # Names of the BPF counter slots, in enum ksm_counter order (bpf/ksmtrace.h).
@@ -227,6 +228,7 @@ RATE_COUNTERS = {
     "merged_pages": "merged",  # pages_shared + pages_sharing
     "ksm_zero_pages": "zero_merged",
     "cow_ksm": "cow_breaks",
+    "ksmd_cpu_ticks": "ksmd_cpu",  # /proc/<ksmd>/stat; rate / CLK_TCK = cores used
 }
 
 

@@ -123,6 +123,8 @@ def tick_to_json(t: Tick) -> dict[str, Any]:
         "vmstat": asdict(c.vmstat),
         "processes": [[p.pid, p.comm, p.cgroup, asdict(p.stat)] for p in c.processes],
     }
+    if c.ksmd_cpu_ticks is not None:
+        d["ksmd_cpu_ticks"] = c.ksmd_cpu_ticks
     b = t.bpf
     if b is not None:
         d["bpf"] = {
@@ -153,7 +155,7 @@ def tick_from_json(d: dict[str, Any], events: bytes) -> Tick:
     procs = tuple(ProcessSample(pid, comm, cgroup, KsmStat(**st))
                   for pid, comm, cgroup, st in d["processes"])
     c = CounterSample(d["mono"], d["wall"], KsmSysfs(**d["ksm"]), KsmVmstat(**d["vmstat"]),
-                      procs)
+                      procs, d.get("ksmd_cpu_ticks"))
     bpf = None
     b = d.get("bpf")
     if b is not None:

@@ -194,6 +194,31 @@ def read_cgroup(pid: int, root: str | os.PathLike = "/") -> str | None:
     return None if text is None else parse_cgroup(text)
 
 
+def find_ksmd(root: str | os.PathLike = "/") -> int | None:
+    """The pid of the ksmd kernel thread (a child of kthreadd, pid 2), or None
+    on a kernel without KSM."""
+    proc = _proc(root)
+    for pid in list_pids(root):
+        if read_comm(pid, root) == "ksmd":
+            st = _read_text(proc / str(pid) / "stat")
+            if st and st.rpartition(")")[2].split()[1] == "2":  # ppid
+                return pid
+    return None
+
+
+def read_cpu_ticks(pid: int, root: str | os.PathLike = "/") -> int | None:
+    """utime + stime of a process, in clock ticks (USER_HZ), from
+    /proc/<pid>/stat; None when it is gone."""
+    st = _read_text(_proc(root) / str(pid) / "stat")
+    if not st:
+        return None
+    fields = st.rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
 def list_pids(root: str | os.PathLike = "/") -> list[int]:
     """Thread-group ids in /proc (threads are not listed there), sorted."""
     return sorted(int(name) for name in os.listdir(_proc(root)) if name.isdigit())

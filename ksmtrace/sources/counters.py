@@ -38,7 +38,18 @@ def sample(
             )
     elif all_processes:
         procs = [ProcessSample(p.pid, p.comm, p.cgroup, p.stat) for p in procfs.ksm_processes(root)]
-    return CounterSample(mono, wall, ksm, vm, tuple(procs))
+    return CounterSample(mono, wall, ksm, vm, tuple(procs), _ksmd_cpu(root))
+
+
+_ksmd: dict[str, int | None] = {}
+
+
+def _ksmd_cpu(root: str | os.PathLike) -> int | None:
+    key = os.fspath(root)
+    if key not in _ksmd:
+        _ksmd[key] = procfs.find_ksmd(root)
+    pid = _ksmd[key]
+    return None if pid is None else procfs.read_cpu_ticks(pid, root)
 
 
 def read_page_maps(pids, root: str | os.PathLike = "/") -> dict:
