@@ -18,6 +18,7 @@ searching (ksmd scanning), merging, counting (who saves what), updating
 
 EPILOG = """\
 examples:
+  sudo ksmtrace top --demo             the live view, on a demo workload
   sudo ksmtrace doctor                 what this kernel can show, and how
   sudo ksmtrace stat --demo 1 10       ten 1 s lines while a demo workload merges
   ksmtrace stat --sysfs-only 5         KSM counters every 5 s, no root needed
@@ -29,7 +30,7 @@ Run `ksmtrace COMMAND --help` for each command's options and examples."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ksmtrace import doctor, report, stat, trace, workload
+    from ksmtrace import doctor, report, stat, top, trace, workload
 
     p = argparse.ArgumentParser(
         prog="ksmtrace",
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"ksmtrace {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     doctor.add_parser(sub)
+    top.add_parser(sub)
     stat.add_parser(sub)
     trace.add_parser(sub)
     report.add_parser(sub)

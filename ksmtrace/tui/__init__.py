@@ -1,0 +1,1 @@
+"""The Textual observatory behind `ksmtrace top` (see app.py)."""
