@@ -20,7 +20,7 @@ examples:
   ksmtrace top                      without root: the kernel's counters only
   sudo ksmtrace top -p 1234         only pid 1234
   ksmtrace top --replay ksm.rec     replay a recording (space pauses, + - speed,
-                                    [ ] seek, home/end)
+                                    [ ] seek, < > ends)
 
 keys: enter page map · s sort · / filter · w why isn't it merging · e events
       k knobs · ? help · ctrl+p command palette · q quit

@@ -52,8 +52,8 @@ class MainScreen(Screen):
         Binding("minus", "speed(-1)", "slower", show=False),
         Binding("left_square_bracket", "seek(-10)", "back", show=False),
         Binding("right_square_bracket", "seek(10)", "forward", show=False),
-        Binding("home", "seek_to(0)", "start", show=False),
-        Binding("end", "seek_to(-1)", "end", show=False),
+        Binding("less_than_sign", "seek_to(0)", "start", show=False),
+        Binding("greater_than_sign", "seek_to(-1)", "end", show=False),
     ]
 
     sort_key = "merging"
@@ -61,7 +61,7 @@ class MainScreen(Screen):
     filter_text = ""
 
     def compose(self) -> ComposeResult:
-        yield Header(show_clock=True)
+        yield Header(show_clock=self.app.clock)
         with Horizontal(id="stages"):
             for stage in ("searching", "merging", "counting", "updating"):
                 yield StagePanel(stage)
@@ -242,8 +242,9 @@ class KsmtraceApp(App):
     BINDINGS = [Binding("ctrl+c", "quit", "quit", show=False, priority=True)]
 
     def __init__(self, feed, knobs=None, demo_mode: bool = False, stream_off: bool = True,
-                 refresh: float = REFRESH):
+                 refresh: float = REFRESH, clock: bool = True):
         super().__init__()
+        self.clock = clock  # off for snapshot tests: the screen must not depend on time
         self.feed = feed
         self.knobs = knobs
         self.demo_mode = demo_mode

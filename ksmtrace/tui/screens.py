@@ -327,7 +327,7 @@ HELP_KEYS = (
     ("space", "pause / play"),
     ("+ / -", "faster / slower"),
     ("[ ]", "back / forward 10 samples"),
-    ("home / end", "first / last sample"),
+    ("< >", "first / last sample"),
 )
 
 
