@@ -165,6 +165,10 @@ class KnobsScreen(SnapshotScreen):
         for name in TUNABLE:
             t.update_cell(name, "now", str(getattr(snap.ksm, name)))
 
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        self.action_edit()
+
     def action_edit(self) -> None:
         why = self.app.knobs_unavailable()
         if why:

@@ -1,0 +1,223 @@
+"""`ksmtrace top` on the real host kernel: in a real terminal (tmux), and
+under Pilot for the page map and the knobs screen, each checked against the
+kernel's own figures."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from ksmtrace.kernel import procfs, sysfs
+from ksmtrace.kernel.sysfs import KNOBS, KsmKnobs
+from ksmtrace.workload import Workload, WorkloadSpec, other_ksm_users
+
+pytestmark = pytest.mark.kernel
+
+REPO = Path(__file__).resolve().parent.parent.parent
+STAGES = ("Searching", "Merging", "Counting", "Updating")
+
+
+@pytest.fixture
+def quiet_ksm():
+    assert sysfs.read_knob("run") == 0, "ksmd is running: another KSM user is active"
+    others = other_ksm_users()
+    assert not others, f"other processes use KSM: {', '.join(map(str, others))}"
+
+
+def knob_values() -> dict:
+    k = sysfs.read_sysfs()
+    return {name: getattr(k, name) for name in KNOBS}
+
+
+def count_programs() -> int:
+    out = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True,
+                         check=True).stdout
+    return out.count("\n")
+
+
+def workload_children() -> list[str]:
+    out = subprocess.run(["pgrep", "-af", "ksmtrace.workload"], capture_output=True,
+                         text=True).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+def panels(screen: str) -> dict[str, str] | None:
+    """The text of each stage panel in a captured pane (None: not drawn yet)."""
+    lines = screen.splitlines()
+    top = next((i for i, line in enumerate(lines) if "Searching" in line), None)
+    if top is None or not all(s in lines[top] for s in STAGES):
+        return None
+    out = {s: [] for s in STAGES}
+    for line in lines[top + 1:]:
+        if line.lstrip().startswith("╰"):
+            break
+        cells = [c.strip() for c in line.split("│") if c.strip()]
+        if len(cells) == 4:
+            for stage, cell in zip(STAGES, cells, strict=True):
+                out[stage].append(cell)
+    return {s: "\n".join(v) for s, v in out.items()}
+
+
+def figure(panel: str, label: str) -> str | None:
+    m = re.search(rf"^{re.escape(label)}\s+(\S+)$", panel, re.M)
+    return m.group(1) if m else None
+
+
+def test_top_demo_in_tmux_agrees_with_sysfs_and_leaves_nothing_behind(quiet_ksm):
+    assert shutil.which("tmux"), "tmux is installed by scripts/setup.sh"
+    before_knobs = knob_values()
+    before_progs = count_programs()
+    name = f"ksmtrace-test-{int(time.time())}"
+    tmp = Path(tempfile.mkdtemp(prefix="ksmtrace-tmux-"))
+    rc_file = tmp / "rc"
+    cmd = (f"cd {REPO} && {sys.executable} -m ksmtrace top --demo; "
+           f"echo $? > {rc_file}")
+    subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "120", "-y", "40", cmd],
+                   check=True)
+    try:
+        seen: dict[str, set[str]] = {s: set() for s in STAGES}
+        checked = 0
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and (checked < 3 or min(map(len, seen.values())) < 2):
+            k1 = sysfs.read_sysfs()
+            time.sleep(1.6)  # longer than a sample + a redraw
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", name],
+                                    capture_output=True, text=True, check=True).stdout
+            k2 = sysfs.read_sysfs()
+            p = panels(screen)
+            if p is None or figure(p["Counting"], "shared") in (None, "-"):
+                assert not rc_file.exists(), screen
+                continue
+            for s in STAGES:
+                seen[s].add(p[s])
+            stable = all(getattr(k1, f) == getattr(k2, f) for f in (
+                "pages_shared", "pages_sharing", "ksm_zero_pages", "pages_unshared"))
+            if stable and k2.pages_shared:
+                # nothing changed for longer than a sample: the screen must
+                # show exactly the kernel's figures
+                assert figure(p["Counting"], "shared") == str(k2.pages_shared), screen
+                assert figure(p["Counting"], "sharing") == str(k2.pages_sharing), screen
+                assert figure(p["Counting"], "unshared") == str(k2.pages_unshared), screen
+                checked += 1
+        assert checked >= 3, f"no stable moment to compare with sysfs; last screen:\n{screen}"
+        for s in STAGES:  # every stage's numbers moved while the demo ran
+            assert len(seen[s]) >= 2, f"{s} never changed: {seen[s]}"
+        subprocess.run(["tmux", "send-keys", "-t", name, "q"], check=True)
+        for _ in range(300):
+            if rc_file.exists() and rc_file.read_text().strip():
+                break
+            time.sleep(0.1)
+        assert rc_file.read_text().strip() == "0", screen
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+        for _ in range(300):  # SIGHUP ends the app the way q does; let it unwind
+            if subprocess.run(["pgrep", "-f", "ksmtrace top --demo"],
+                              capture_output=True).returncode:
+                break
+            time.sleep(0.1)
+    assert knob_values() == before_knobs
+    for _ in range(50):
+        if count_programs() == before_progs and not workload_children():
+            break
+        time.sleep(0.1)
+    assert count_programs() == before_progs
+    assert workload_children() == []
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ Pilot
+def _sysfs_feed(pids):
+    from ksmtrace.feed import LiveFeed
+    from ksmtrace.sources.counters import SysfsSource
+
+    return LiveFeed(SysfsSource(pids=pids), interval=0.2)
+
+
+async def _wait(pilot, cond, what: str, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await pilot.pause(0.1)
+
+
+async def test_page_map_shows_as_many_ksm_cells_as_the_kernel_counts(quiet_ksm):
+    from textual.widgets import DataTable
+
+    from ksmtrace.tui.app import KsmtraceApp
+    from ksmtrace.tui.screens import PageMapScreen
+    from ksmtrace.tui.widgets import PageGrid
+
+    spec = WorkloadSpec(processes=2, pages=2000, distinct=20)
+    with Workload(spec, drive_ksmd=True) as w:
+        w.wait_merged()
+        with KsmKnobs() as k:
+            k.set(run=0)  # hold the merged state still while we look
+            pid = w.pids[1]
+            with _sysfs_feed(list(w.pids)) as feed:
+                app = KsmtraceApp(feed, clock=False)
+                async with app.run_test(size=(120, 40)) as pilot:
+                    table = app.screen.query_one("#processes", DataTable)
+                    await _wait(pilot, lambda: table.row_count == 2, "the process rows")
+                    row = next(i for i in range(table.row_count)
+                               if int(table.get_row_at(i)[0]) == pid)
+                    table.move_cursor(row=row)
+                    await pilot.press("enter")
+                    screen = app.screen
+                    assert isinstance(screen, PageMapScreen) and screen.pid == pid
+                    await _wait(pilot, lambda: screen.page_map is not None, "the page map")
+                    cells = screen.query_one(PageGrid).rendered_cells()
+                    stat = procfs.read_ksm_stat(pid)
+                    ksm_cells = sum(cells.count(c) for c in "K23456789+")
+                    assert ksm_cells == stat.ksm_merging_pages == 2000
+                    # 20 contents in 4,000 pages: each KSM page has 200 mappers
+                    assert set(re.sub(r"[^K2-9+]", "", cells)) == {"+"}
+                    note = str(screen.query_one("#pagemap-note").render())
+                    assert "KSM 2000" in note
+                    await pilot.press("escape")
+                    await pilot.pause()
+                    assert feed.watched is None
+
+
+async def test_knobs_screen_changes_a_knob_after_confirmation(quiet_ksm):
+    from ksmtrace.tui.app import KsmtraceApp
+    from ksmtrace.tui.screens import Confirm, KnobEdit, KnobsScreen
+
+    before = sysfs.read_knob("pages_to_scan")
+    knobs = KsmKnobs()
+    try:
+        with _sysfs_feed([]) as feed:
+            app = KsmtraceApp(feed, knobs=knobs, clock=False)
+            async with app.run_test(size=(100, 30)) as pilot:
+                await _wait(pilot, lambda: feed.current() is not None, "a sample")
+                await pilot.press("k")
+                await pilot.pause()
+                assert isinstance(app.screen, KnobsScreen)
+                await pilot.press("down")  # run -> pages_to_scan
+                for answer, expect in (("n", before), ("y", 1234)):
+                    await pilot.press("enter")
+                    await pilot.pause()
+                    assert isinstance(app.screen, KnobEdit)
+                    await pilot.press(*["backspace"] * 8, "1", "2", "3", "4", "enter")
+                    await pilot.pause()
+                    assert isinstance(app.screen, Confirm)
+                    await pilot.press(answer)
+                    await pilot.pause()
+                    assert isinstance(app.screen, KnobsScreen)
+                    assert sysfs.read_knob("pages_to_scan") == expect
+                assert app.knob_changes == [f"pages_to_scan {before} -> 1234"]
+                # the screen shows the kernel's new value at the next sample
+                from textual.widgets import DataTable
+
+                table = app.screen.query_one(DataTable)
+                await _wait(pilot, lambda: str(table.get_row_at(1)[1]) == "1234",
+                            "the new value on screen")
+    finally:
+        knobs.restore()
+    assert sysfs.read_knob("pages_to_scan") == before
