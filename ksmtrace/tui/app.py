@@ -15,7 +15,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.css.query import NoMatches
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Input
+from textual.widgets import Footer, Header, Input, Static
 
 from ksmtrace.diagnose import diagnose
 from ksmtrace.errors import KsmtraceError
@@ -29,14 +29,14 @@ from ksmtrace.tui.screens import (
     SnapshotScreen,
     WhyScreen,
 )
-from ksmtrace.tui.widgets import StagePanel, StatusLine, WhyLine
+from ksmtrace.tui.widgets import ProcessTable, StagePanel, StatusLine, WhyLine
 
 REFRESH = 0.25  # seconds between checks for a new snapshot
 
 
 class MainScreen(Screen):
     BINDINGS = [
-        Binding("enter,m", "page_map", "page map"),
+        Binding("m", "page_map", "page map"),
         Binding("s", "sort", "sort"),
         Binding("r", "reverse", "reverse", show=False),
         Binding("slash", "filter", "filter"),
@@ -62,35 +62,38 @@ class MainScreen(Screen):
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=self.app.clock)
+        yield Static(id="banner")
         with Horizontal(id="stages"):
             for stage in ("searching", "merging", "counting", "updating"):
                 yield StagePanel(stage)
         yield WhyLine(id="why")
         yield Input(placeholder="filter: pid, comm or cgroup (Esc clears)", id="filter")
-        yield DataTable(id="processes", cursor_type="row", zebra_stripes=True)
+        yield ProcessTable(id="processes")
         yield StatusLine(id="status")
         yield Footer()
 
     def on_mount(self) -> None:
-        table = self.query_one("#processes", DataTable)
-        for c in fmt.COLUMNS:
-            table.add_column(c.label, key=c.key, width=c.width)
+        table = self.query_one("#processes", ProcessTable)
         self.query_one("#filter", Input).display = False
+        self.query_one("#banner", Static).display = False
         self._rows: list[ProcessRow] = []
         self._traced = False
-        self._cgroup_width = 8
         table.focus()
 
     def on_resize(self, event) -> None:
         # Taller terminals give the stage panels more lines (all their figures).
         self.query_one("#stages").styles.height = 12 if event.size.height > 34 else 9
-        table = self.query_one("#processes", DataTable)
-        self._cgroup_width = max(8, event.size.width - fmt.FIXED_WIDTH - 2)
-        table.columns["cgroup"].width = self._cgroup_width
+        table = self.query_one("#processes", ProcessTable)
+        table.cgroup_width = max(8, event.size.width - fmt.FIXED_WIDTH - 2)
         self._redraw()
 
     # ------------------------------------------------------------- drawing
     def show(self, snap: Snapshot, history: list[Snapshot]) -> None:
+        banner = self.query_one("#banner", Static)
+        if snap.source == "sysfs-only" and not banner.display:
+            banner.update("No BPF (sysfs-only): " + "; ".join(snap.notes[1:] or snap.notes)
+                          + ". Run as root to trace each stage.")
+            banner.display = True
         for panel in self.query(StagePanel):
             panel.show(snap, history)
         self.query_one(WhyLine).show(diagnose(snap))
@@ -106,28 +109,11 @@ class MainScreen(Screen):
                 + (f" · filter '{self.filter_text}'" if self.filter_text else ""))
 
     def _fill(self, rows: tuple[ProcessRow, ...]) -> None:
-        table = self.query_one("#processes", DataTable)
-        selected = self.selected_pid()
         self._rows = fmt.select_rows(rows, self.sort_key, self.reverse, self.filter_text)
-        table.clear()
-        for p in self._rows:
-            table.add_row(*fmt.row_cells(p, self._traced, self._cgroup_width),
-                          key=str(p.pid))
-        if selected is not None:
-            for i, p in enumerate(self._rows):
-                if p.pid == selected:
-                    table.move_cursor(row=i, animate=False)
-                    break
+        self.query_one("#processes", ProcessTable).set_rows(self._rows, self._traced)
 
     def selected_pid(self) -> int | None:
-        table = self.query_one("#processes", DataTable)
-        if not table.row_count:
-            return None
-        try:
-            key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key
-        except Exception:  # cursor outside the (just cleared) table
-            return None
-        return int(key.value) if key.value is not None else None
+        return self.query_one("#processes", ProcessTable).selected_pid()
 
     def _redraw(self) -> None:
         snap = self.app.feed.current()
@@ -147,8 +133,8 @@ class MainScreen(Screen):
         self.reverse = not self.reverse
         self._redraw()
 
-    def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
-        key = str(event.column_key.value)
+    def on_process_table_header_clicked(self, event: ProcessTable.HeaderClicked) -> None:
+        key = event.key
         if key == self.sort_key:
             self.reverse = not self.reverse
         else:
@@ -168,7 +154,7 @@ class MainScreen(Screen):
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "filter":
-            self.query_one("#processes", DataTable).focus()
+            self.query_one("#processes", ProcessTable).focus()
             if not event.value:
                 event.input.display = False
 
@@ -177,10 +163,10 @@ class MainScreen(Screen):
         box.value = ""
         box.display = False
         self.filter_text = ""
-        self.query_one("#processes", DataTable).focus()
+        self.query_one("#processes", ProcessTable).focus()
         self._redraw()
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+    def on_process_table_selected(self, event: ProcessTable.Selected) -> None:
         self.action_page_map()
 
     def action_page_map(self) -> None:

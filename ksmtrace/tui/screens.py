@@ -162,6 +162,8 @@ class KnobsScreen(SnapshotScreen):
     def show(self, snap: Snapshot, history: list[Snapshot]) -> None:
         self.query_one(StatusLine).show(snap, self.app.feed.describe())
         t = self.query_one(DataTable)
+        if t.row_count < len(TUNABLE):  # shown before on_mount filled the table
+            return
         for name in TUNABLE:
             t.update_cell(name, "now", str(getattr(snap.ksm, name)))
 

@@ -7,8 +7,10 @@ from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Vertical
 from textual.geometry import Size
+from textual.message import Message
 from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
@@ -16,7 +18,7 @@ from textual.widgets import Sparkline, Static
 
 from ksmtrace.diagnose import Finding
 from ksmtrace.kernel.pagemap import PAGE_SIZE, PageMap, PageState
-from ksmtrace.model import Snapshot
+from ksmtrace.model import ProcessRow, Snapshot
 from ksmtrace.tui import format as fmt
 
 STAGE_TITLES = {
@@ -34,6 +36,8 @@ class StagePanel(Vertical):
         super().__init__(id=f"stage-{stage}", classes="stage", **kw)
         self.stage = stage
         self.border_title = STAGE_TITLES[stage]
+        self._last_text: str | None = None
+        self._last_series: list[float] | None = None
 
     def compose(self) -> ComposeResult:
         yield Static(id=f"{self.stage}-figures", classes="figures")
@@ -50,15 +54,31 @@ class StagePanel(Vertical):
             text.append(f.label, style="dim")
             text.append(" " * pad)
             text.append(f.value, style="bold")
-        self.query_one(".figures", Static).update(text)
-        series = fmt.spark_series(history, self.stage) or [0.0]
-        self.query_one(Sparkline).data = series[-max(width, 2):]
+        if text.plain != self._last_text:  # unchanged widgets are not redrawn
+            self._last_text = text.plain
+            self.query_one(".figures", Static).update(text)
+        series = (fmt.spark_series(history, self.stage) or [0.0])[-max(width, 2):]
+        if series != self._last_series:
+            self._last_series = series
+            self.query_one(Sparkline).data = series
         name = fmt.STAGE_SPARK[self.stage]
         self.border_subtitle = (name or "saved pages").replace("_", " ") + (
             "/s" if name else "")
 
 
-class StatusLine(Static):
+class Memo(Static):
+    """A Static that redraws only when its text changes."""
+
+    _memo: str | None = None
+
+    def update(self, content="", **kw) -> None:
+        key = content.plain if isinstance(content, Text) else str(content)
+        if key != self._memo:
+            self._memo = key
+            super().update(content, **kw)
+
+
+class StatusLine(Memo):
     """Always visible: source, attach plan, missed probes, lost events,
     estimates, ksmtrace's own BPF cost."""
 
@@ -107,7 +127,7 @@ def finding_text(f: Finding, detail: bool = False) -> Text:
     return t
 
 
-class WhyLine(Static):
+class WhyLine(Memo):
     """The two most serious findings of "why isn't it merging?" (w: all)."""
 
     def show(self, findings: list[Finding]) -> None:
@@ -198,3 +218,145 @@ class PageGrid(ScrollView):
     def on_resize(self) -> None:
         width = max(self.scrollable_content_region.width - 14, 16)
         self.per_row = max(16, min(128, width // 16 * 16))
+
+
+# -------------------------------------------------------------- process table
+class ProcessTable(ScrollView, can_focus=True):
+    """The process table, drawn line by line: only the visible rows are
+    formatted, so a frame costs the same with 10 processes or 10,000.
+    Up/down/PgUp/PgDn/Home/End move the cursor, Enter selects, a click on the
+    header sorts by that column."""
+
+    BINDINGS = [
+        Binding("up", "cursor(-1)", "up", show=False),
+        Binding("down", "cursor(1)", "down", show=False),
+        Binding("pageup", "page(-1)", "page up", show=False),
+        Binding("pagedown", "page(1)", "page down", show=False),
+        Binding("home", "jump(0)", "first", show=False),
+        Binding("end", "jump(-1)", "last", show=False),
+        Binding("enter", "select", "page map", show=False),
+    ]
+
+    class Selected(Message):
+        def __init__(self, pid: int):
+            super().__init__()
+            self.pid = pid
+
+    class HeaderClicked(Message):
+        def __init__(self, key: str):
+            super().__init__()
+            self.key = key
+
+    HEADER = Style(bold=True, color="bright_white", bgcolor="dark_blue")
+    CURSOR = Style(bold=True, color="black", bgcolor="cyan")
+    CURSOR_DIM = Style(color="black", bgcolor="grey50")
+    ZEBRA = Style(bgcolor="grey7")
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.rows: list[ProcessRow] = []
+        self.cursor_row = 0
+        self.traced = False
+        self.cgroup_width = 8
+
+    # ---------------------------------------------------------------- data
+    @property
+    def row_count(self) -> int:
+        return len(self.rows)
+
+    def widths(self) -> list[int]:
+        return [self.cgroup_width if c.key == "cgroup" else c.width for c in fmt.COLUMNS]
+
+    def set_rows(self, rows: list[ProcessRow], traced: bool) -> None:
+        pid = self.selected_pid()
+        self.rows = rows
+        self.traced = traced
+        if pid is not None:
+            self.cursor_row = next((i for i, p in enumerate(rows) if p.pid == pid),
+                                   min(self.cursor_row, max(len(rows) - 1, 0)))
+        self.virtual_size = Size(sum(w + 2 for w in self.widths()), len(rows) + 1)
+        self._follow()
+        self.refresh()
+
+    def get_row_at(self, i: int) -> tuple[str, ...]:
+        return fmt.row_cells(self.rows[i], self.traced, self.cgroup_width)
+
+    def selected_pid(self) -> int | None:
+        if not self.rows:
+            return None
+        return self.rows[min(self.cursor_row, len(self.rows) - 1)].pid
+
+    def move_cursor(self, row: int) -> None:
+        self.cursor_row = max(0, min(row, len(self.rows) - 1))
+        self._follow()
+        self.refresh()
+
+    def _visible_rows(self) -> int:
+        return max(self.scrollable_content_region.height - 1, 1)
+
+    def _follow(self) -> None:
+        top = self.scroll_offset.y
+        if self.cursor_row < top:
+            self.scroll_to(y=self.cursor_row, animate=False)
+        elif self.cursor_row >= top + self._visible_rows():
+            self.scroll_to(y=self.cursor_row - self._visible_rows() + 1, animate=False)
+
+    # ------------------------------------------------------------- actions
+    def action_cursor(self, delta: int) -> None:
+        self.move_cursor(self.cursor_row + delta)
+
+    def action_page(self, direction: int) -> None:
+        self.move_cursor(self.cursor_row + direction * self._visible_rows())
+
+    def action_jump(self, where: int) -> None:
+        self.move_cursor(len(self.rows) - 1 if where < 0 else 0)
+
+    def action_select(self) -> None:
+        pid = self.selected_pid()
+        if pid is not None:
+            self.post_message(self.Selected(pid))
+
+    def on_click(self, event) -> None:
+        if event.y == 0:
+            x = event.x + self.scroll_offset.x
+            for col, w in zip(fmt.COLUMNS, self.widths(), strict=True):
+                if x < w + 2:
+                    self.post_message(self.HeaderClicked(col.key))
+                    return
+                x -= w + 2
+            return
+        row = self.scroll_offset.y + event.y - 1
+        if 0 <= row < len(self.rows):
+            if row == self.cursor_row and event.chain >= 2:
+                self.action_select()
+            self.move_cursor(row)
+
+    # ------------------------------------------------------------- drawing
+    def _line(self, cells: tuple[str, ...], style: Style) -> list[Segment]:
+        out = []
+        for text, w in zip(cells, self.widths(), strict=True):
+            out.append(Segment(" " + text[:w].ljust(w) + " ", style))
+        return out
+
+    def render_line(self, y: int) -> Strip:
+        width = self.scrollable_content_region.width
+        scroll_x, scroll_y = self.scroll_offset
+        if y == 0:
+            segs = self._line(tuple(c.label for c in fmt.COLUMNS), self.HEADER)
+            return Strip(segs).crop(scroll_x, scroll_x + width).extend_cell_length(
+                width, self.HEADER)
+        i = scroll_y + y - 1
+        if i >= len(self.rows):
+            return Strip.blank(width, self.rich_style)
+        if i == self.cursor_row:
+            style = self.CURSOR if self.has_focus else self.CURSOR_DIM
+        else:
+            style = self.ZEBRA if i % 2 else Style()
+        segs = self._line(self.get_row_at(i), style)
+        return Strip(segs).crop(scroll_x, scroll_x + width).extend_cell_length(width, style)
+
+    def on_focus(self) -> None:
+        self.refresh()
+
+    def on_blur(self) -> None:
+        self.refresh()

@@ -148,11 +148,9 @@ async def _wait(pilot, cond, what: str, seconds: float = 60.0) -> None:
 
 
 async def test_page_map_shows_as_many_ksm_cells_as_the_kernel_counts(quiet_ksm):
-    from textual.widgets import DataTable
-
     from ksmtrace.tui.app import KsmtraceApp
     from ksmtrace.tui.screens import PageMapScreen
-    from ksmtrace.tui.widgets import PageGrid
+    from ksmtrace.tui.widgets import PageGrid, ProcessTable
 
     spec = WorkloadSpec(processes=2, pages=2000, distinct=20)
     with Workload(spec, drive_ksmd=True) as w:
@@ -163,7 +161,7 @@ async def test_page_map_shows_as_many_ksm_cells_as_the_kernel_counts(quiet_ksm):
             with _sysfs_feed(list(w.pids)) as feed:
                 app = KsmtraceApp(feed, clock=False)
                 async with app.run_test(size=(120, 40)) as pilot:
-                    table = app.screen.query_one("#processes", DataTable)
+                    table = app.screen.query_one("#processes", ProcessTable)
                     await _wait(pilot, lambda: table.row_count == 2, "the process rows")
                     row = next(i for i in range(table.row_count)
                                if int(table.get_row_at(i)[0]) == pid)

@@ -29,7 +29,7 @@ from ksmtrace.tui.screens import (  # noqa: E402
     PageMapScreen,
     WhyScreen,
 )
-from ksmtrace.tui.widgets import StagePanel  # noqa: E402
+from ksmtrace.tui.widgets import ProcessTable, StagePanel  # noqa: E402
 
 RECORDING = Path(__file__).parent.parent / "fixtures" / "recordings" / "host-6.18-workload.ksmrec"
 MERGED = 5  # index of the first snapshot after the merge (pages_shared 8, sharing 1072)
@@ -137,7 +137,7 @@ async def test_main_screen_shows_the_recorded_figures():
         assert figure(updating, "writes/s") == "est."
         searching = panel_text(app, "searching")
         assert figure(searching, "scan/s") == fmt.num(snap.rates["pages_scanned"])
-        table = app.screen.query_one("#processes", DataTable)
+        table = app.screen.query_one("#processes", ProcessTable)
         assert table.row_count == len(snap.processes) == 3
         status = str(app.screen.query_one("#status").render())
         assert "replay 6/25 paused" in status and "tracepoint" in status
@@ -151,7 +151,7 @@ async def test_sort_reverse_and_filter_keys():
         await pilot.pause()
         main = app.screen
         assert isinstance(main, MainScreen)
-        table = main.query_one("#processes", DataTable)
+        table = main.query_one("#processes", ProcessTable)
 
         def pids() -> list[int]:
             return [int(table.get_row_at(i)[0]) for i in range(table.row_count)]
