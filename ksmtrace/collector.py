@@ -192,7 +192,7 @@ class Collector:
                 self._cow_unattributed += cow_ksm_delta - sum(parts.values())
         # bounded: forget the oldest exited processes beyond MAX_EXITED
         for pid, p in self._procs.items():
-            if pid not in alive and pid != 0 and c.processes:
+            if pid not in alive and pid != 0:
                 p.alive = False
         exited = [pid for pid, p in self._procs.items() if not p.alive]
         for pid in exited[: max(0, len(exited) - MAX_EXITED)]:
@@ -222,6 +222,7 @@ class Collector:
                 cow_breaks=p.cow,
                 cow_rate=dc / interval if interval > 0 else 0.0,
                 cow_estimated=self.cow_estimated,
+                alive=p.alive,
             ))
         rows.sort(key=lambda r: (-(r.merging_pages or 0), -r.merges, r.pid))
         return tuple(rows)

@@ -55,7 +55,7 @@ def diagnose(snap: Snapshot) -> list[Finding]:
             "ksmd breaks every KSM page back into private copies and merges nothing",
             "set run=1 to merge again"))
 
-    mergeable = [p for p in snap.processes if p.mergeable]
+    mergeable = [p for p in snap.processes if p.mergeable and p.alive]
     idle = k.run == 1 and snap.interval > 0 and not r.get("pages_scanned")
     if tracked == 0 and (not mergeable or idle):
         blind = snap.source == "sysfs-only" and any(

@@ -247,6 +247,7 @@ class ProcessRow:
     cow_breaks: int  # since start (estimated on tracepoint-only kernels)
     cow_rate: float
     cow_estimated: bool
+    alive: bool = True  # False: exited (kept with its last figures, bounded)
 
 
 @dataclass(frozen=True)

@@ -103,8 +103,11 @@ class MainScreen(Screen):
         self.sub_title = self._subtitle(snap)
 
     def _subtitle(self, snap: Snapshot) -> str:
-        n = len(snap.processes)
-        return (f"{snap.source} · {n} process{'es' if n != 1 else ''} · sort {self.sort_key}"
+        n = sum(p.alive for p in snap.processes)
+        gone = len(snap.processes) - n
+        return (f"{snap.source} · {n} process{'es' if n != 1 else ''}"
+                + (f" (+{gone} exited, dimmed)" if gone else "")
+                + f" · sort {self.sort_key}"
                 f"{' ↓' if self.reverse else ' ↑'}"
                 + (f" · filter '{self.filter_text}'" if self.filter_text else ""))
 

@@ -251,6 +251,7 @@ class ProcessTable(ScrollView, can_focus=True):
     CURSOR = Style(bold=True, color="black", bgcolor="cyan")
     CURSOR_DIM = Style(color="black", bgcolor="grey50")
     ZEBRA = Style(bgcolor="grey7")
+    EXITED = Style(dim=True, italic=True)
 
     def __init__(self, **kw):
         super().__init__(**kw)
@@ -352,6 +353,8 @@ class ProcessTable(ScrollView, can_focus=True):
             style = self.CURSOR if self.has_focus else self.CURSOR_DIM
         else:
             style = self.ZEBRA if i % 2 else Style()
+        if not self.rows[i].alive:  # exited: kept with its last figures
+            style = style + self.EXITED
         segs = self._line(self.get_row_at(i), style)
         return Strip(segs).crop(scroll_x, scroll_x + width).extend_cell_length(width, style)
 
