@@ -45,6 +45,13 @@ static __always_inline u64 page_base_addr(void)
 	return b ? *b : 0;
 }
 
+#ifdef UNSHARE_FN
+/* thread -> break_ksm entry time, while inside break_ksm: also what tells
+ * an unshare fault from a user write on kernels whose break_ksm takes a
+ * fake write fault (6.1: FAULT_FLAG_WRITE, no FAULT_FLAG_UNSHARE). */
+BPF_HASH(unshare_calls, u32, u64, 1024);
+#endif
+
 #if STREAM == 1
 BPF_RINGBUF_OUTPUT(events, 1 << 11);	/* 2048 pages = 8 MiB: a 100k-merge burst */
 #elif STREAM == 2
@@ -475,6 +482,10 @@ static __always_inline void cow_enter(void *vmf)
 	c.mm = mm;
 	c.sub = (flags & FAULT_FLAG_UNSHARE) ? COW_UNSHARE : COW_WRITE;
 	u32 tid = (u32)bpf_get_current_pid_tgid();
+#ifdef UNSHARE_FN
+	if (unshare_calls.lookup(&tid))	/* break_ksm's own fault (a write on 6.1) */
+		c.sub = COW_UNSHARE;
+#endif
 	cow_calls.update(&tid, &c);
 }
 
@@ -506,11 +517,19 @@ static __always_inline void cow_exit(void *ctx)
 	if (s)
 		__sync_fetch_and_add(&s->cow[c->sub & 1], 1);
 	u32 pid = bpf_get_current_pid_tgid() >> 32;
-	if (c->mm && !owners.lookup(&c->mm)) {	/* the faulting task owns the mm */
+	/* an unshare may be remote (run=2 written by another process): only a
+	 * task faulting on its own mm names the owner */
+	u8 own = c->sub == COW_WRITE;
+#ifdef OFF_TASK_MM
+	own = current_mm() == c->mm;
+#endif
+	if (c->mm && own && !owners.lookup(&c->mm)) {
 		struct owner o = { .pid = pid };
 		bpf_get_current_comm(&o.comm, sizeof(o.comm));
 		owners.update(&c->mm, &o);
 	}
+	if (!own)
+		pid = owner_pid(c->mm);
 	emit(ctx, EV_COW, c->sub, c->mm, c->pfn, lat, 0, 0, pid);
 	cow_calls.delete(&tid);
 }
@@ -541,9 +560,9 @@ int kr_cow(struct pt_regs *ctx)
 #endif
 
 #ifdef UNSHARE_FN
-/* break_ksm(vma, addr, lock_vma): unmerge by MADV_UNMERGEABLE, run=2, ... */
-BPF_HASH(unshare_calls, u32, u64, 1024);
-
+/* break_ksm(vma, addr[, lock_vma]): called for every address of a range
+ * being unmerged (MADV_UNMERGEABLE, run=2, PR_SET_MEMORY_MERGE 0); it faults
+ * only where a KSM page is mapped. */
 static __always_inline void unshare_enter(void)
 {
 	u32 tid = (u32)bpf_get_current_pid_tgid();
@@ -565,14 +584,17 @@ static __always_inline void unshare_exit(void *ctx, int ret)
 }
 
 #if UNSHARE_FN == 1
-KFUNC_PROBE(break_ksm, void *vma, unsigned long addr, int lock_vma)
+/* Only the first two arguments are declared: break_ksm has two on 6.1 and
+ * three (lock_vma) on 6.12+, and fexit finds the return value after the
+ * last one, so it is not read here (the event's err is 0). */
+KFUNC_PROBE(break_ksm, void *vma, unsigned long addr)
 {
 	unshare_enter();
 	return 0;
 }
-KRETFUNC_PROBE(break_ksm, void *vma, unsigned long addr, int lock_vma, int ret)
+KRETFUNC_PROBE(break_ksm, void *vma, unsigned long addr)
 {
-	unshare_exit(ctx, ret);
+	unshare_exit(ctx, 0);
 	return 0;
 }
 #else
