@@ -117,9 +117,18 @@ def parse_ksm_stat(text: str) -> KsmStat:
 
 
 def read_ksm_stat(pid: int, root: str | os.PathLike = "/") -> KsmStat | None:
-    """ksm_stat of `pid`; None if it has exited or is not readable by us."""
+    """ksm_stat of `pid`; None if it has exited or is not readable by us.
+    Where ksm_stat lacks ksm_merging_pages (5.19-6.3, e.g. Debian 12's 6.1),
+    it is filled in from /proc/<pid>/ksm_merging_pages, the same mm counter."""
     text = _read_text(_proc(root) / str(pid) / "ksm_stat")
-    return None if text is None else parse_ksm_stat(text)
+    if text is None:
+        return None
+    stat = parse_ksm_stat(text)
+    if stat.ksm_merging_pages is None:
+        merging = read_ksm_merging_pages(pid, root)
+        if merging is not None:
+            stat = replace(stat, ksm_merging_pages=merging)
+    return stat
 
 
 def read_ksm_merging_pages(pid: int, root: str | os.PathLike = "/") -> int | None:

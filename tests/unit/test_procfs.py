@@ -73,10 +73,13 @@ def test_idle_and_kernel_thread():
 def test_ksm_stat_6_1_format():
     s = procfs.read_ksm_stat(DUPS[0], OLD)
     assert s.ksm_rmap_items == procfs.read_ksm_stat(DUPS[0], HOST).ksm_rmap_items
-    assert s.ksm_zero_pages is s.ksm_merging_pages is s.ksm_process_profit is None
+    assert s.ksm_zero_pages is s.ksm_process_profit is None
     assert s.ksm_merge_any is None and s.ksm_mergeable is None
-    # The separate file exists since 5.19.
+    # The separate file exists since 5.19; read_ksm_stat fills the gap from it.
     assert procfs.read_ksm_merging_pages(DUPS[0], OLD) == 63
+    assert s.ksm_merging_pages == 63
+    assert parse_ksm_stat((OLD / "proc" / str(DUPS[0]) / "ksm_stat").read_text()) \
+        .ksm_merging_pages is None
 
 
 def test_parse_unknown_lines_are_kept():
