@@ -22,6 +22,7 @@ from ksmtrace.errors import KsmtraceError
 from ksmtrace.model import ProcessRow, Snapshot
 from ksmtrace.tui import format as fmt
 from ksmtrace.tui.screens import (
+    DetailsScreen,
     EventLogScreen,
     HelpScreen,
     KnobsScreen,
@@ -39,10 +40,11 @@ class MainScreen(Screen):
         Binding("m", "page_map", "page map"),
         Binding("s", "sort", "sort"),
         Binding("r", "reverse", "reverse", show=False),
-        Binding("slash", "filter", "filter"),
+        Binding("slash", "filter", "filter", show=False),
         Binding("escape", "clear_filter", "clear filter", show=False),
         Binding("w", "why", "why?"),
         Binding("e", "events", "events"),
+        Binding("h", "details", "histograms", show=False),  # listed in help (80 columns)
         Binding("k", "knobs", "knobs"),
         Binding("question_mark,f1", "help", "help"),
         Binding("q", "app.quit", "quit"),
@@ -186,6 +188,9 @@ class MainScreen(Screen):
     def action_events(self) -> None:
         self.app.push_screen(EventLogScreen())
 
+    def action_details(self) -> None:
+        self.app.push_screen(DetailsScreen())
+
     def action_knobs(self) -> None:
         self.app.push_screen(KnobsScreen())
 
@@ -321,6 +326,8 @@ class KsmtraceApp(App):
             yield SystemCommand("Why isn't it merging?", "every finding of the diagnosis",
                                 main.action_why)
             yield SystemCommand("Event log", "the newest traced events", main.action_events)
+            yield SystemCommand("Histograms", "latency histograms, failures, own BPF cost",
+                                main.action_details)
             yield SystemCommand("Knobs", "change run, pages_to_scan, ...", main.action_knobs)
             yield SystemCommand("Page map", "pages of the selected process",
                                 main.action_page_map)

@@ -242,6 +242,80 @@ class Confirm(ModalScreen[bool]):
         self.dismiss(False)
 
 
+# ---------------------------------------------------------------- histograms
+HIST_TITLES = {
+    "scan_round_seconds": "scan round duration (ksm_start_scan -> ksm_stop_scan)",
+    "merge_latency_seconds": "merge latency (try_to_merge_one_page entry -> exit)",
+    "cow_latency_seconds": "COW break latency (do_wp_page entry -> exit, KSM pages)",
+    "unshare_latency_seconds": "unshare latency (FAULT_FLAG_UNSHARE faults on KSM pages)",
+    "scan_batch_seconds": "ksmd batch duration (ksm_do_scan)",
+}
+
+
+def histogram_text(name: str, slots: dict[int, int], width: int = 40) -> Text:
+    t = Text()
+    t.append(HIST_TITLES.get(name, name), style="bold")
+    total = sum(slots.values())
+    if not total:
+        t.append("\n  no samples")
+        return t
+    t.append(f"   {total} samples, p50 {fmt.duration(fmt.percentile_ns(slots, 0.5))}, "
+             f"p99 {fmt.duration(fmt.percentile_ns(slots, 0.99))}")
+    top = max(slots.values())
+    for slot in range(min(slots), max(slots) + 1):
+        n = slots.get(slot, 0)
+        lo, hi = fmt.duration(2 ** slot), fmt.duration(2 ** (slot + 1))
+        bar = "█" * max(1 if n else 0, round(n / top * width))
+        t.append(f"\n  {lo:>7} - {hi:<7} {n:>9} ")
+        t.append(bar, style="green")
+    return t
+
+
+class DetailsScreen(SnapshotScreen):
+    """Latency histograms, merge failures by errno, ksmtrace's own BPF cost."""
+
+    BINDINGS = [Binding("escape,q,h", "app.pop_screen", "back")]
+
+    def compose(self) -> ComposeResult:
+        yield Static("Histograms (log2 buckets, since start), merge failures, "
+                     "ksmtrace's own cost", classes="title")
+        with VerticalScroll():
+            yield Static(id="details")
+        yield StatusLine(id="status")
+        yield Footer()
+
+    def show(self, snap: Snapshot, history: list[Snapshot]) -> None:
+        self.query_one(StatusLine).show(snap, self.app.feed.describe())
+        t = Text()
+        if not snap.traced:
+            t.append("no BPF in this source (sysfs-only): no histograms, failures or "
+                     "per-event figures\n\n", style="yellow")
+        hists = [h for h in snap.hist if any(snap.hist[h].values())]
+        for name in hists:
+            t.append_text(histogram_text(name, snap.hist[name]))
+            t.append("\n\n")
+        missing = [n for n in HIST_TITLES if n not in hists]
+        if snap.traced and missing:
+            t.append("not measured here: " + ", ".join(missing)
+                     + " (their probes did not attach or saw nothing; see the status line "
+                     "and `ksmtrace doctor`)\n\n", style="dim")
+        t.append("merge failures by kind:errno", style="bold")
+        if snap.errors:
+            for key, n in sorted(snap.errors.items(), key=lambda kv: -kv[1]):
+                t.append(f"\n  {key:28} {n:>9}")
+        else:
+            t.append("\n  none" if snap.traced else "\n  -")
+        t.append("\n\nksmtrace's BPF programs (kernel BPF statistics)", style="bold")
+        if snap.programs:
+            for p in sorted(snap.programs, key=lambda p: -p.run_time_ns):
+                avg = p.run_time_ns / p.run_count if p.run_count else 0
+                t.append(f"\n  {p.name:32} {fmt.duration(p.run_time_ns):>9} in "
+                         f"{p.run_count:>10} runs, {fmt.duration(avg)} each")
+        else:
+            t.append("\n  not available from this source")
+        self.query_one("#details", Static).update(t)
+
+
 # ----------------------------------------------------------------- event log
 MERGE_KIND = {int(k): n for k, n in zip(MergeKind, ("new pair", "into KSM page", "zero page"),
                                         strict=True)}
@@ -325,6 +399,7 @@ HELP_KEYS = (
     ("/", "filter processes by pid, comm or cgroup (Esc clears)"),
     ("w", "why isn't it merging? (every finding)"),
     ("e", "event log (space pauses it)"),
+    ("h", "histograms, merge failures by errno, ksmtrace's own BPF cost"),
     ("k", "KSM knobs (root, live only)"),
     ("? / F1", "this help"),
     ("ctrl+p", "command palette"),
@@ -373,4 +448,5 @@ def _empty_snapshot() -> Snapshot:
 _EMPTY = _empty_snapshot()
 
 __all__ = ["PageMapScreen", "WhyScreen", "KnobsScreen", "EventLogScreen", "HelpScreen",
+           "DetailsScreen",
            "Confirm", "KnobEdit"]

@@ -23,6 +23,7 @@ from ksmtrace.sources.replay import ReplaySource  # noqa: E402
 from ksmtrace.tui import format as fmt  # noqa: E402
 from ksmtrace.tui.app import KsmtraceApp, MainScreen  # noqa: E402
 from ksmtrace.tui.screens import (  # noqa: E402
+    DetailsScreen,
     EventLogScreen,
     HelpScreen,
     KnobsScreen,
@@ -180,6 +181,7 @@ async def test_screens_open_and_close_with_their_keys():
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.pause()
         for key, screen in (("w", WhyScreen), ("e", EventLogScreen), ("k", KnobsScreen),
+                            ("h", DetailsScreen),
                             ("question_mark", HelpScreen), ("f1", HelpScreen),
                             ("enter", PageMapScreen), ("m", PageMapScreen)):
             await pilot.press(key)
@@ -314,6 +316,25 @@ def test_snapshot_events(snap_compare):
 
 def test_snapshot_help(snap_compare):
     assert snap_compare(app_on(), terminal_size=SIZE, press=["question_mark"])
+
+
+def test_snapshot_histograms(snap_compare):
+    assert snap_compare(app_on(24), terminal_size=SIZE, press=["h"])
+
+
+async def test_histograms_screen_shows_the_recorded_scan_rounds():
+    app = app_on(24)
+    snap = app.feed.current()
+    rounds = snap.hist["scan_round_seconds"]
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("h")
+        await pilot.pause()
+        text = str(app.screen.query_one("#details").render())
+        assert f"{sum(rounds.values())} samples" in text
+        for slot, n in rounds.items():  # every bucket with its exact count
+            assert f"{fmt.duration(2 ** slot):>7} - {fmt.duration(2 ** (slot + 1)):<7} {n:>9}" \
+                in text
+        assert "merge_latency_seconds" in text  # not measured on tracepoints, and said so
 
 
 def test_snapshot_knobs(snap_compare):
