@@ -70,7 +70,8 @@ def figure(panel: str, label: str) -> str | None:
     return m.group(1) if m else None
 
 
-def test_top_demo_in_tmux_agrees_with_sysfs_and_leaves_nothing_behind(quiet_ksm):
+@pytest.mark.parametrize("quit_key", ["q", "C-c"])
+def test_top_demo_in_tmux_agrees_with_sysfs_and_leaves_nothing_behind(quiet_ksm, quit_key):
     assert shutil.which("tmux"), "tmux is installed by scripts/setup.sh"
     before_knobs = knob_values()
     before_progs = count_programs()
@@ -109,7 +110,7 @@ def test_top_demo_in_tmux_agrees_with_sysfs_and_leaves_nothing_behind(quiet_ksm)
         assert checked >= 3, f"no stable moment to compare with sysfs; last screen:\n{screen}"
         for s in STAGES:  # every stage's numbers moved while the demo ran
             assert len(seen[s]) >= 2, f"{s} never changed: {seen[s]}"
-        subprocess.run(["tmux", "send-keys", "-t", name, "q"], check=True)
+        subprocess.run(["tmux", "send-keys", "-t", name, quit_key], check=True)
         for _ in range(300):
             if rc_file.exists() and rc_file.read_text().strip():
                 break
@@ -133,6 +134,37 @@ def test_top_demo_in_tmux_agrees_with_sysfs_and_leaves_nothing_behind(quiet_ksm)
 
 
 # ------------------------------------------------------------------ Pilot
+async def test_sysfs_only_view_shows_the_kernel_counters_and_says_what_is_missing(quiet_ksm):
+    from ksmtrace.tui.app import KsmtraceApp
+
+    spec = WorkloadSpec(processes=2, pages=1000, distinct=10)
+    with Workload(spec, drive_ksmd=True) as w:
+        w.wait_merged()
+        with KsmKnobs() as k:
+            k.set(run=0)  # still, so the screen and sysfs can be compared
+            with _sysfs_feed(None) as feed:
+                app = KsmtraceApp(feed, clock=False)
+                async with app.run_test(size=(100, 30)) as pilot:
+                    await _wait(pilot, lambda: len(feed.recent()) >= 2, "two samples")
+                    await pilot.pause(0.5)
+                    kern = sysfs.read_sysfs()
+                    panel = app.screen.query_one("#stage-counting")
+                    text = str(panel.query_one(".figures").render())
+                    assert figure(text, "shared") == str(kern.pages_shared) == "10"
+                    assert figure(text, "sharing") == str(kern.pages_sharing) == "1990"
+                    banner = str(app.screen.query_one("#banner").render())
+                    assert "No BPF (sysfs-only)" in banner and "not seen" in banner
+                    merging = str(app.screen.query_one("#stage-merging .figures").render())
+                    assert figure(merging, "new/s") == "-"  # not seen without BPF
+                    status = str(app.screen.query_one("#status").render())
+                    assert "sysfs-only" in status and "no BPF" in status
+                    rows = {r.pid: r for r in app.feed.current().processes}
+                    for pid in w.pids:
+                        assert rows[pid].merging_pages == procfs.read_ksm_stat(
+                            pid).ksm_merging_pages == 1000
+
+
+
 def _sysfs_feed(pids):
     from ksmtrace.feed import LiveFeed
     from ksmtrace.sources.counters import SysfsSource
