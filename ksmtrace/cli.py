@@ -30,7 +30,7 @@ Run `ksmtrace COMMAND --help` for each command's options and examples."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ksmtrace import doctor, report, stat, top, trace, workload
+    from ksmtrace import doctor, export, report, stat, top, trace, workload
 
     p = argparse.ArgumentParser(
         prog="ksmtrace",
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     stat.add_parser(sub)
     trace.add_parser(sub)
     report.add_parser(sub)
+    export.add_parser(sub)
     workload.add_cli(sub)
     return p
 

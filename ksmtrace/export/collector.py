@@ -1,0 +1,62 @@
+"""The Prometheus side of the exporter: a custom collector over the newest
+snapshot, in its own registry.
+
+`publish(snapshot)` (the tick loop's thread) turns the snapshot into metric
+families once and swaps them in with one reference assignment; `collect()`
+(any number of scrape threads at once) yields the families of the newest
+snapshot. A scrape never waits for the kernel, the collector or a lock, and
+does no work beyond serialising.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client.core import CollectorRegistry, Metric
+from prometheus_client.exposition import generate_latest
+
+from ksmtrace.export.metrics import DEFAULT_TOP, families
+from ksmtrace.model import Snapshot
+
+
+class SnapshotCollector:
+    def __init__(self, top: int = DEFAULT_TOP):
+        self.top = top
+        self._families: tuple[Metric, ...] = ()
+        self._snapshot: Snapshot | None = None
+        self._cycles = 0
+        self._last_cycle: float | None = None
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self._snapshot
+
+    def publish(self, snap: Snapshot, started: float | None = None) -> None:
+        """Make `snap` what scrapes see. `started`: perf_counter() when this
+        cycle began (before the collector aggregated the tick), so the cycle
+        time reported next includes that work."""
+        t0 = time.perf_counter() if started is None else started
+        self._cycles += 1
+        fams = tuple(families(snap, self.top, self._last_cycle, self._cycles))
+        # one assignment each: a scrape sees the old or the new families, whole
+        self._families = fams
+        self._snapshot = snap
+        self._last_cycle = time.perf_counter() - t0
+
+    def collect(self):
+        return iter(self._families)
+
+    def describe(self):
+        return ()  # families vary with the kernel and the source: no fixed description
+
+
+def make_registry(top: int = DEFAULT_TOP) -> tuple[CollectorRegistry, SnapshotCollector]:
+    registry = CollectorRegistry(auto_describe=False)
+    col = SnapshotCollector(top)
+    registry.register(col)
+    return registry, col
+
+
+def scrape(registry: CollectorRegistry) -> bytes:
+    """The text exposition of the registry (what GET /metrics returns)."""
+    return generate_latest(registry)

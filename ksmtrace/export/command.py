@@ -1,0 +1,124 @@
+"""`ksmtrace export`: serve KSM metrics to Prometheus.
+
+The tick loop (source -> collector -> snapshot) runs in the main thread, so
+Ctrl-C and SIGTERM unwind it like every other command (probes detached);
+the HTTP server answers scrapes from its own threads with the families of
+the newest snapshot. prometheus_client is imported only when the command
+runs: the rest of the CLI works without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ksmtrace import session
+from ksmtrace.errors import Exit, KsmtraceError
+
+DEFAULT_PORT = 9949
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+
+EPILOG = f"""\
+examples:
+  sudo ksmtrace export                      traced KSM metrics on http://{DEFAULT_LISTEN}/metrics
+  ksmtrace export --sysfs-only              the kernel's KSM counters only, no root needed
+  sudo ksmtrace export --listen 0.0.0.0:{DEFAULT_PORT} --interval 5 --top 50
+                                            for a Prometheus on another host: every interface
+  ksmtrace export --replay ksm.rec          serve a recording's snapshots (dashboards demo)
+  curl -s localhost:{DEFAULT_PORT}/metrics | grep ^ksmtrace_ksm_pages
+
+The exporter is read-only: it never writes a KSM knob. It binds to 127.0.0.1
+unless --listen says otherwise. Point Prometheus at it (deploy/prometheus.yml),
+load dashboards/ksmtrace-alerts.yml and import dashboards/ksmtrace.json in Grafana.
+Metric names and their node_exporter equivalents: README, section Metrics.
+"""
+
+
+class UsageError(KsmtraceError):
+    exit_code = Exit.USAGE
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="Prometheus exporter of KSM metrics (HTTP /metrics)",
+        description="Serve KSM figures as Prometheus metrics: every KSM sysfs file, the traced "
+        "events of each stage (merges, failures by errno, scan rounds and their durations, COW "
+        "breaks, unmerges), the top processes and cgroups, and ksmtrace's own health.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="ADDR:PORT",
+                   help=f"address to serve /metrics on (default {DEFAULT_LISTEN}; "
+                   f"':{DEFAULT_PORT}' or '0.0.0.0:{DEFAULT_PORT}' for every interface)")
+    p.add_argument("-i", "--interval", type=float, default=1.0, metavar="S",
+                   help="seconds between kernel polls, i.e. snapshots (default 1)")
+    p.add_argument("--top", type=int, default=20, metavar="N",
+                   help="processes and cgroups exported one by one, the rest summed into "
+                   "one 'other' series (default 20)")
+    p.add_argument("--replay", metavar="FILE",
+                   help="serve the snapshots of a recording (at its pace), then its last one")
+    p.add_argument("--speed", type=float, default=1.0, help=argparse.SUPPRESS)
+    session.add_source_options(p)
+    p.set_defaults(func=run)
+
+
+def _validate(args: argparse.Namespace) -> tuple[str, int, int]:
+    from ksmtrace.export.server import parse_listen  # stdlib + prometheus_client
+
+    if args.interval <= 0:
+        raise UsageError(f"--interval must be > 0, not {args.interval:g}")
+    top = args.top
+    if top < 0:
+        raise UsageError(f"--top must be 0 or more, not {top}")
+    if args.speed <= 0:
+        raise UsageError("--speed must be > 0")
+    try:
+        host, port = parse_listen(args.listen)
+    except ValueError as e:
+        raise UsageError(str(e), "e.g. --listen 127.0.0.1:9949, [::1]:9949 or :9949") from None
+    return host, port, top
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise KsmtraceError(
+            "ksmtrace export needs the Python package prometheus-client",
+            "install ksmtrace with pip (it depends on it), or "
+            "`apt-get install python3-prometheus-client`") from None
+    from ksmtrace.collector import Collector
+    from ksmtrace.export.collector import make_registry
+    from ksmtrace.export.server import MetricsServer
+
+    host, port, top = _validate(args)
+    registry, exporter = make_registry(top)
+    # bind before attaching anything: a busy port fails fast and cleanly
+    server = MetricsServer(registry, host, port)
+    try:
+        if args.replay:
+            from ksmtrace.sources.replay import ReplaySource
+
+            src = ReplaySource(args.replay, speed=args.speed)
+        else:
+            src = session.open_source(args)
+        with src:
+            session.enforce_strict(args, src.probes)
+            col = Collector(src.kind, src.probes, src.notes, src.cow_estimated)
+            server.start()
+            print(f"ksmtrace export: serving http://{server.address}/metrics "
+                  f"(source: {src.kind}, every {args.interval:g} s, top {top}); "
+                  "Ctrl-C stops", file=sys.stderr, flush=True)
+            for tick in src.ticks(args.interval):
+                t0 = time.perf_counter()
+                exporter.publish(col.add_tick(tick), t0)
+            if args.replay:
+                print("ksmtrace export: end of the recording; serving its last snapshot",
+                      file=sys.stderr, flush=True)
+                while True:
+                    time.sleep(3600)
+    finally:
+        server.close()
+    return 0
