@@ -81,12 +81,17 @@ def run(args: argparse.Namespace) -> int:
     if args.stream is None:
         args.stream = bool(args.demo)
     src = session.open_source(args)
+    if src.kind == "live":
+        print("ksmtrace top: compiling and attaching the BPF programs…", file=sys.stderr,
+              flush=True)
     with src:  # attach first, so the demo's first merges are traced too
         session.enforce_strict(args, src.probes)
         demo_ctx = contextlib.nullcontext([])
         if args.demo:
-            from ksmtrace.demo import demo
+            from ksmtrace.demo import DEMO_SPEC, demo
 
+            print(f"ksmtrace top: starting the demo workload ({DEMO_SPEC.processes} "
+                  f"processes, {DEMO_SPEC.pages} pages each)…", file=sys.stderr, flush=True)
             demo_ctx = demo()
         with demo_ctx as demo_pids:
             if demo_pids and args.pid is None:
