@@ -290,12 +290,16 @@ PROC_LABELS = ["pid", "comm", "cgroup"]
 
 
 def _processes(snap: Snapshot, top: int) -> Iterable[Metric]:
-    rows = snap.processes  # sorted by merging pages, then merges (collector)
-    shown, rest = rows[:top], rows[top:]
+    # Live processes ranked by merging pages (the collector's order). An
+    # exited process's ksm_stat is stale: it leaves the gauges at once; its
+    # traced counters stay (in "other") while the collector keeps its row.
+    alive = [r for r in snap.processes if r.alive]
+    shown = alive[:top]
+    rest = alive[top:] + [r for r in snap.processes if not r.alive]
     est = "true" if snap.cow_estimated else "false"
     yield GaugeMetricFamily(_name("processes"),
-                            "Processes known to KSM (mergeable, or merged pages since start)",
-                            value=len(rows))
+                            "Live processes known to KSM (mergeable, or merged pages since "
+                            "start)", value=len(alive))
     fams = {
         "merging": GaugeMetricFamily(
             _name("process_merging_pages"),
@@ -328,7 +332,8 @@ def _processes(snap: Snapshot, top: int) -> Iterable[Metric]:
         group = list(group)
         for key, field in (("merging", "merging_pages"), ("zero", "zero_pages"),
                            ("profit", "profit_bytes"), ("rmap", "rmap_items")):
-            vals = [getattr(r, field) for r in group if getattr(r, field) is not None]
+            vals = [getattr(r, field) for r in group
+                    if r.alive and getattr(r, field) is not None]
             if vals:
                 fams[key].add_metric(labels, sum(vals))
         if traced_merges:
@@ -345,15 +350,15 @@ def _processes(snap: Snapshot, top: int) -> Iterable[Metric]:
         yield merges
     if traced_cow:
         yield cow
-    if top and rest:
+    if rest:
         yield GaugeMetricFamily(_name("processes_other"),
-                                "Processes aggregated into the pid=\"other\" series",
-                                value=len(rest))
+                                "Processes aggregated into the pid=\"other\" series (exited "
+                                "ones included)", value=len(rest))
 
-    # cgroups: every process counts, the top N cgroups by merging pages each
+    # cgroups: every live process counts, the top N cgroups by merging pages each
     # get a series, the rest one "other" series
     by_cg: dict[str, list[ProcessRow]] = {}
-    for r in rows:
+    for r in alive:
         by_cg.setdefault(r.cgroup, []).append(r)
     agg = sorted(((sum(r.merging_pages or 0 for r in rs), cg, rs) for cg, rs in by_cg.items()),
                  key=lambda x: (-x[0], x[1]))

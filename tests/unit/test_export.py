@@ -192,6 +192,21 @@ def test_processes_top_n_and_other(snaps):
         sum(r.merging_pages for r in s.processes)
 
 
+def test_exited_processes_leave_the_gauges_and_keep_their_counters(snaps):
+    s = snaps[-1]  # the recording's workload has exited by its end
+    assert s.processes and not any(r.alive for r in s.processes)
+    reg = registry_for(s, top=2)
+    text = scrape(reg).decode()
+    # a dead process's last ksm_stat is not a current figure
+    assert "ksmtrace_process_merging_pages{" not in text
+    assert "ksmtrace_cgroup_merging_pages{" not in text
+    assert value(reg, "ksmtrace_processes") == 0
+    other = {"pid": "other", "comm": "other", "cgroup": "other"}
+    assert value(reg, "ksmtrace_process_merges_total", **other) == 1350
+    assert value(reg, "ksmtrace_process_cow_breaks_total", estimated="true", **other) == 120
+    assert value(reg, "ksmtrace_processes_other") == 3
+
+
 def test_sysfs_only_has_counters_and_no_event_series():
     snaps = replay_snapshots(bpf=False)
     s = snaps[5]

@@ -1,0 +1,554 @@
+"""`ksmtrace export` scraped by a real Prometheus (Debian's package) while
+the workload generator makes KSM merge, break and waste pages.
+
+Through Prometheus's HTTP API: every PromQL expression of the Grafana
+dashboard and of the alert rules returns data; each alert condition is
+evaluated with `bool` and must be true exactly when the test produced it;
+the exporter's KSM figures equal sysfs while ksmd is frozen (run=0); its
+event counters equal the kernel's own counts for the workload. Also: a live
+scrape passes `promtool check metrics`, 100 concurrent scrapes succeed,
+`--sysfs-only` works as user nobody, and the default bind is 127.0.0.1.
+Prometheus and the exporter are ended on every path, failures included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+import warnings
+from pathlib import Path
+
+import pytest
+
+from ksmtrace.export.metrics import SYSFS_METRICS
+from ksmtrace.kernel import procfs, sysfs
+from ksmtrace.workload import Workload, WorkloadSpec, other_ksm_users
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "dashboards" / "ksmtrace.json"
+RULES = ROOT / "dashboards" / "ksmtrace-alerts.yml"
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+RATE_WINDOW = "20s"  # what $__rate_interval stands for at a 1 s scrape interval
+
+# Families that exist only where the kernel lets ksmtrace measure them
+# (fentry/kprobe on KSM functions): metric -> the probe that would fill it.
+FN_ONLY = {
+    "ksmtrace_merge_latency_seconds_bucket": "merges",
+    "ksmtrace_cow_break_latency_seconds_bucket": "cow_breaks",
+    "ksmtrace_unshare_latency_seconds_bucket": "unshares",
+    "ksmtrace_scan_batch_duration_seconds_bucket": "scan_batches",
+    "ksmtrace_unshares_total": "unshares",
+}
+# Families that depend on what the source reports (kernel BPF run-time
+# stats); once it does, their expressions are held to returning data.
+SOURCE_DEPENDENT = {
+    "ksmtrace_bpf_program_run_seconds_total":
+        "the live source does not report its BPF programs' cost yet",
+}
+
+
+# ---------------------------------------------------------------- pure helpers
+
+def _split_top(expr: str, word: str) -> list[str]:
+    """Split at `word` where it stands outside (), {}, [] and quotes."""
+    parts, depth, quote, start, i = [], 0, None, 0, 0
+    while i < len(expr):
+        c = expr[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "\"'":
+            quote = c
+        elif c in "({[":
+            depth += 1
+        elif c in ")}]":
+            depth -= 1
+        elif depth == 0 and re.match(rf"\s{word}\s", expr[i:]):
+            parts.append(expr[start:i])
+            i += len(word) + 1
+            start = i
+            continue
+        i += 1
+    parts.append(expr[start:])
+    return [p.strip() for p in parts]
+
+
+def with_bool(expr: str) -> str:
+    """An alert condition as 0/1 instead of a filter: each top-level
+    comparison gets `bool` and `a and b` becomes `(a) * (b)`, so the result
+    has a series (with its truth) whenever the metrics behind it exist."""
+    out = []
+    for part in _split_top(expr, "and"):
+        res, depth, quote, i = "", 0, None, 0
+        while i < len(part):
+            c = part[i]
+            if quote:
+                if c == quote:
+                    quote = None
+                res += c
+            elif c in "\"'":
+                quote = c
+                res += c
+            elif c in "({[":
+                depth += 1
+                res += c
+            elif c in ")}]":
+                depth -= 1
+                res += c
+            elif depth == 0 and (m := re.match(r"(==|!=|>=|<=|>|<)", part[i:])):
+                res += f"{m.group(1)} bool"
+                i += len(m.group(1))
+                continue
+            else:
+                res += c
+            i += 1
+        out.append(f"({res})")
+    return " * ".join(out)
+
+
+def test_with_bool_rewrites_conditions_only():
+    assert with_bool('x{method!="none"} == 0') == '(x{method!="none"} == bool 0)'
+    assert with_bool("a == 1\nand (b + c) > 0 and d >= e") == \
+        "(a == bool 1) * ((b + c) > bool 0) * (d >= bool e)"
+    assert with_bool("increase(c[5m]) > clamp_min(0.1 * (a > 0), 1)") == \
+        "(increase(c[5m]) > bool clamp_min(0.1 * (a > 0), 1))"
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    d = json.loads(DASHBOARD.read_text())
+    return [(p["title"], t["expr"]) for p in d["panels"] for t in p.get("targets", [])]
+
+
+def rule_exprs() -> dict[str, str]:
+    """alert name -> expr, read from the rules file (flow-style YAML scalars
+    `expr: >-` folded like YAML does; no PyYAML needed)."""
+    rules, name, lines = {}, None, RULES.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if m := re.match(r"\s*- alert: (\S+)", line):
+            name = m.group(1)
+        elif m := re.match(r"(\s*)expr: (.*)", line):
+            indent, rest = len(m.group(1)), m.group(2).strip()
+            if rest in (">-", ">", "|", "|-"):
+                body = []
+                i += 1
+                while i < len(lines) and (not lines[i].strip() or
+                                          len(lines[i]) - len(lines[i].lstrip()) > indent):
+                    body.append(lines[i].strip())
+                    i += 1
+                rest = " ".join(b for b in body if b)
+                i -= 1
+            rules[name] = rest
+        i += 1
+    return rules
+
+
+def test_rules_are_read_like_promtool_reads_them():
+    rules = rule_exprs()
+    assert set(rules) == {"KsmCowBreakStorm", "KsmNegativeProfit", "KsmtraceProbesMissing",
+                          "KsmtraceEventsLost", "KsmEnabledNothingMerging"}
+    assert rules["KsmNegativeProfit"] == "ksmtrace_ksm_general_profit_bytes < 0"
+    assert rules["KsmEnabledNothingMerging"].count(" and ") == 2
+
+
+# ---------------------------------------------------------------- processes
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 30) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read()
+
+
+def wait_for(what: str, cond, timeout: float = 120, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = cond()
+        except OSError:
+            last = None  # not listening yet
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def count_programs() -> int:
+    out = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True,
+                         check=True).stdout
+    return out.count("\n")
+
+
+@contextlib.contextmanager
+def exporter(*args: str, argv_prefix=None, env=None, cwd=None, listen: str | None = None):
+    """`ksmtrace export` as a child process; yields (port, process). Ended
+    with SIGTERM (then SIGKILL) on every path."""
+    port = free_port() if listen is None else int(listen.rpartition(":")[2])
+    argv = list(argv_prefix or [sys.executable, "-m", "ksmtrace"]) + ["export", *args]
+    if listen is None:
+        argv += ["--listen", f"127.0.0.1:{port}"]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env, cwd=cwd or ROOT)
+    try:
+        def ready():
+            if p.poll() is not None:
+                raise AssertionError(f"exporter exited {p.returncode}: {p.stderr.read()}")
+            return b"ksmtrace_collector_cycles_total" in http_get(
+                f"http://127.0.0.1:{port}/metrics", 5)
+        wait_for("the exporter's first snapshot", ready, 120)
+        yield port, p
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+class Prometheus:
+    def __init__(self, port: int):
+        self.base = f"http://127.0.0.1:{port}"
+
+    def api(self, path: str, **params) -> dict:
+        url = f"{self.base}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        d = json.loads(http_get(url))
+        assert d["status"] == "success", d
+        return d["data"]
+
+    def query(self, expr: str, at: float | None = None) -> list[dict]:
+        params = {"query": expr}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
+        data = self.api("query", **params)
+        assert data["resultType"] == "vector", (expr, data)
+        return data["result"]
+
+    def value(self, expr: str) -> float:
+        r = self.query(expr)
+        assert len(r) == 1, (expr, r)
+        return float(r[0]["value"][1])
+
+    def alerts(self) -> dict[str, str]:
+        return {a["labels"]["alertname"]: a["state"] for a in self.api("alerts")["alerts"]}
+
+
+@contextlib.contextmanager
+def prometheus(tmp: Path, target: str):
+    """Debian's Prometheus on a free port, scraping `target` every second,
+    with the alert rules loaded; killed on every path."""
+    port = free_port()
+    (tmp / "data").mkdir()
+    (tmp / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
+        f"rule_files: ['{RULES}']\n"
+        "scrape_configs:\n  - job_name: ksmtrace\n"
+        f"    static_configs: [{{targets: ['{target}']}}]\n")
+    log = open(tmp / "prometheus.log", "w")
+    p = subprocess.Popen([PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}",
+                          f"--storage.tsdb.path={tmp / 'data'}",
+                          f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                         stdout=log, stderr=subprocess.STDOUT)
+    try:
+        prom = Prometheus(port)
+        wait_for("Prometheus ready", lambda: http_get(f"{prom.base}/-/ready", 5), 120)
+        wait_for("the first scrape", lambda: prom.query('up{job="ksmtrace"} == 1'), 120)
+        yield prom
+    finally:
+        p.terminate()
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        log.close()
+
+
+@pytest.fixture
+def quiet_ksm():
+    assert sysfs.read_knob("run") == 0, "ksmd is running: another KSM user is active"
+    others = other_ksm_users()
+    assert not others, f"other processes use KSM: {', '.join(map(str, others))}"
+
+
+def scraped_after(prom: Prometheus, t: float) -> None:
+    """Wait until Prometheus holds a sample of a snapshot polled after `t`."""
+    wait_for(f"a scraped snapshot newer than {t:.3f}", lambda: (
+        r := prom.query("ksmtrace_last_snapshot_timestamp_seconds")) and
+        float(r[0]["value"][1]) > t, 60)
+
+
+def sysfs_name(m) -> str:
+    return f"ksmtrace_{m.name}" + ("_total" if m.kind == "counter" else "")
+
+
+def metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"\bksmtrace_[a-z0-9_]+", expr))
+
+
+def check_dashboard(prom: Prometheus, scrape: str) -> list[str]:
+    """Every dashboard expression returns data, or its emptiness is
+    explained by the kernel (fn-only families) or the source. Returns the
+    explained ones."""
+    present = {line.split("{")[0].split(" ")[0] for line in scrape.splitlines()
+               if line and not line.startswith("#")}
+    attached_fn = {s["metric"]["probe"] for s in prom.query(
+        'ksmtrace_probe_attached{method=~"fentry|kprobe"} == 1')}
+    explained, empty = [], []
+    for title, expr in dashboard_exprs():
+        q = expr.replace("$__rate_interval", RATE_WINDOW).replace("$instance", ".*")
+        if prom.query(q):
+            continue
+        missing = {n for n in metric_names(q) if n not in present}
+        why = []
+        for n in missing:
+            if n in FN_ONLY and FN_ONLY[n] not in attached_fn:
+                why.append(f"{n}: no fentry/kprobe for {FN_ONLY[n]} on this kernel")
+            elif n in SOURCE_DEPENDENT:
+                why.append(f"{n}: {SOURCE_DEPENDENT[n]}")
+        if missing and len(why) == len(missing):
+            explained.append(f"{title}: {expr} ({'; '.join(why)})")
+        else:
+            empty.append(f"{title}: {q} (absent from the scrape: {sorted(missing)})")
+    assert not empty, "dashboard expressions without data:\n" + "\n".join(empty)
+    return explained
+
+
+def conditions(prom: Prometheus) -> dict[str, set[float]]:
+    """Each alert's condition, evaluated as 0/1 per series."""
+    out = {}
+    for name, expr in rule_exprs().items():
+        r = prom.query(with_bool(expr))
+        assert r, f"alert {name}: no data for {with_bool(expr)}"
+        out[name] = {float(s["value"][1]) for s in r}
+        assert out[name] <= {0.0, 1.0}, (name, out[name])
+    return out
+
+
+# ---------------------------------------------------------------- the tests
+
+@pytest.mark.kernel
+def test_real_prometheus_scrapes_the_exporter_during_a_workload(quiet_ksm, tmp_path):
+    programs_before = count_programs()
+    with exporter("--interval", "0.5", "--top", "2") as (port, proc):
+        base = sysfs.read_sysfs()  # ksmd stopped: stable since the exporter attached
+        base_cow = procfs.read_ksm_vmstat().cow_ksm
+        scrape0 = http_get(f"http://127.0.0.1:{port}/metrics").decode()
+        assert "ksmtrace_traced 1.0" in scrape0, scrape0[:2000]
+        with prometheus(tmp_path, f"127.0.0.1:{port}") as prom:
+            spec = WorkloadSpec(processes=3, pages=2000, distinct=20, zero_pages=300,
+                                use_zero_pages=True)
+            with Workload(spec, drive_ksmd=True) as w:
+                w.wait_merged()
+                merged_at = time.time()
+                e = w.expected()
+                scraped_after(prom, merged_at)
+                # every traced merge, by kind, equals the kernel's own counts
+                m = w.measure()
+                assert prom.value('ksmtrace_merges_total{kind="new_ksm_page",result="ok"}') \
+                    == e.pages_shared == m.pages_shared > 0
+                assert prom.value('ksmtrace_merges_total{kind="into_ksm_page",result="ok"}') \
+                    == e.pages_sharing == m.pages_sharing
+                assert prom.value('ksmtrace_merges_total{kind="zero_page",result="ok"}') \
+                    == e.ksm_zero_pages == m.ksm_zero_pages == 900
+                assert prom.value('sum(ksmtrace_merges_total{result="failed"})') == 0
+
+                written = w.cow(0.25)  # a COW storm: 1,500 breaks of 6,000 merged pages
+                w.wait_expected()
+                assert sum(written.values()) == 1500
+                time.sleep(3)  # a few scrapes with ksmd running again: rate windows fill
+
+                scrape = http_get(f"http://127.0.0.1:{port}/metrics").decode()
+                explained = check_dashboard(prom, scrape)
+                for line in explained:
+                    warnings.warn(f"dashboard expression not observable here: {line}",
+                                  stacklevel=1)
+                assert all("latency" in x or "unshares" in x or "bpf_program" in x
+                           or "scan_batch" in x for x in explained), explained
+                cond = conditions(prom)
+                assert cond["KsmCowBreakStorm"] == {1.0}
+                assert cond["KsmNegativeProfit"] == {0.0}
+                assert cond["KsmtraceProbesMissing"] == {0.0}
+                assert cond["KsmtraceEventsLost"] == {0.0}
+                assert cond["KsmEnabledNothingMerging"] == {0.0}
+                wait_for("KsmCowBreakStorm pending", lambda: prom.alerts().get(
+                    "KsmCowBreakStorm") in ("pending", "firing"), 30)
+
+                # promtool lints a live scrape
+                r = subprocess.run([PROMTOOL, "check", "metrics"], input=scrape.encode(),
+                                   capture_output=True, timeout=60)
+                assert r.returncode == 0, r.stdout + r.stderr
+                # 100 scrapes at once, all answered with a whole snapshot
+                results: list = [None] * 100
+                barrier = threading.Barrier(100)
+
+                def scraper(i: int) -> None:
+                    try:
+                        barrier.wait(timeout=60)
+                        results[i] = http_get(f"http://127.0.0.1:{port}/metrics", 60)
+                    except BaseException as ex:  # noqa: BLE001 - asserted below
+                        results[i] = ex
+
+                threads = [threading.Thread(target=scraper, args=(i,)) for i in range(100)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(timeout=120)
+                bad = [x for x in results if not isinstance(x, bytes)]
+                assert not bad, bad[:3]
+                assert all(x.startswith(b"# HELP ksmtrace_ksm_run ")
+                           and b"\nksmtrace_collector_cycles_total " in x for x in results)
+
+                # freeze ksmd: the exporter's figures must equal sysfs exactly
+                with sysfs.KsmKnobs() as k:
+                    k.set(run=0)
+                    frozen = sysfs.read_sysfs()
+                    cow_now = procfs.read_ksm_vmstat().cow_ksm
+                    scraped_after(prom, time.time())
+                    for sm in SYSFS_METRICS:
+                        v = getattr(frozen, sm.field)
+                        assert v is not None, sm.field  # 6.18 has every file
+                        got = prom.value(sysfs_name(sm))
+                        assert got == pytest.approx(v / sm.divisor, rel=1e-12), sm.field
+                    assert prom.value("ksmtrace_ksm_saved_bytes") == frozen.saved_pages * 4096
+                    assert prom.value("ksmtrace_cow_ksm_total") == cow_now
+                    assert prom.value(
+                        f'ksmtrace_ksm_advisor_mode{{mode="{frozen.advisor_mode}"}}') == 1
+                    # event counters: the kernel's counts for this workload
+                    assert prom.value("ksmtrace_scan_rounds_total") == \
+                        frozen.full_scans - base.full_scans > 0
+                    breaks = cow_now - base_cow
+                    assert breaks == sum(written.values())
+                    assert prom.value("sum(ksmtrace_cow_breaks_total)") == breaks
+                    assert prom.value("sum(ksmtrace_process_cow_breaks_total)") == breaks
+                    # per process: the top 2 by name, the third as "other"
+                    stats = {pid: procfs.read_ksm_stat(pid) for pid in w.pids}
+                    series = prom.query("ksmtrace_process_merging_pages")
+                    by_pid = {s["metric"]["pid"]: float(s["value"][1]) for s in series}
+                    assert len(by_pid) == 3 and "other" in by_pid, by_pid
+                    for pid, st in stats.items():
+                        if str(pid) in by_pid:
+                            assert by_pid[str(pid)] == st.ksm_merging_pages
+                    assert sum(by_pid.values()) == sum(s.ksm_merging_pages for s in stats.values())
+                    assert prom.value("ksmtrace_processes") == 3
+                    assert prom.value("sum(ksmtrace_process_profit_bytes)") == \
+                        sum(s.ksm_process_profit for s in stats.values())
+                    assert sysfs.read_sysfs() == frozen  # nothing moved meanwhile
+
+            # KSM that only costs: unique pages registered, nothing to merge
+            spec = WorkloadSpec(processes=1, pages=0, unique_pages=20000)
+            with Workload(spec, drive_ksmd=True) as w:
+                w.wait_expected()
+                pid = w.pids[0]
+                wait_for("rmap items costing more than nothing saves", lambda: (
+                    (sysfs.read_sysfs().general_profit or 0) <= -20000 * 64), 120)
+                with sysfs.KsmKnobs() as k:
+                    k.set(run=0)
+                    frozen = sysfs.read_sysfs()
+                    profit = procfs.read_ksm_stat(pid).ksm_process_profit
+                    scraped_after(prom, time.time())
+                    assert frozen.general_profit < 0 and profit < 0
+                    assert prom.value("ksmtrace_ksm_general_profit_bytes") == frozen.general_profit
+                    assert prom.value(f'ksmtrace_process_profit_bytes{{pid="{pid}"}}') == profit
+                scraped_after(prom, time.time())  # ksmd running again
+                cond = conditions(prom)
+                assert cond["KsmNegativeProfit"] == {1.0}
+                assert cond["KsmEnabledNothingMerging"] == {1.0}
+                assert cond["KsmtraceProbesMissing"] == {0.0}
+                assert cond["KsmtraceEventsLost"] == {0.0}
+                states = wait_for("both alerts pending", lambda: (a := prom.alerts()) and all(
+                    a.get(n) in ("pending", "firing")
+                    for n in ("KsmNegativeProfit", "KsmEnabledNothingMerging")) and a, 30)
+                assert "KsmNegativeProfit" in states
+
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        err = proc.stderr.read()
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert "Traceback" not in err
+    for _ in range(100):  # probes detached: the kernel frees programs once closed
+        if count_programs() == programs_before:
+            break
+        time.sleep(0.1)
+    assert count_programs() == programs_before
+
+
+@pytest.mark.kernel
+def test_sysfs_only_as_nobody_on_the_default_localhost_bind(quiet_ksm, as_nobody):
+    """Unprivileged, no --listen: it serves sysfs figures on 127.0.0.1:9949
+    and on no other address."""
+    import prometheus_client
+
+    argv, env, dest = as_nobody
+    # Debian's python3 has no prometheus_client: give nobody the venv's copy
+    pkg = Path(prometheus_client.__file__).parent
+    shutil.copytree(pkg, dest / "prometheus_client", ignore=shutil.ignore_patterns("__pycache__"))
+    for p in [dest / "prometheus_client", *(dest / "prometheus_client").rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    with Workload(WorkloadSpec(processes=2, pages=500, distinct=5)) as w:
+        w.wait_merged()
+        with sysfs.KsmKnobs() as k:
+            k.set(run=0)
+            frozen = sysfs.read_sysfs()
+            with exporter("--sysfs-only", "--interval", "0.2", argv_prefix=argv, env=env,
+                          cwd=dest, listen="127.0.0.1:9949") as (port, proc):
+                text = http_get(f"http://127.0.0.1:{port}/metrics").decode()
+                listening = _listeners(port)
+                assert listening == {"127.0.0.1"}, listening
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=60)
+                err = proc.stderr.read()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "serving http://127.0.0.1:9949/metrics" in err
+    assert "source: sysfs-only" in err
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#") and "{" not in line}
+    assert values["ksmtrace_traced"] == 0
+    for sm in SYSFS_METRICS:
+        assert values[sysfs_name(sm)] == pytest.approx(getattr(frozen, sm.field) / sm.divisor)
+    assert values["ksmtrace_ksm_pages_sharing"] == frozen.pages_sharing > 0
+    assert "ksmtrace_merges_total" not in text and "ksmtrace_events_lost" not in text
+    r = subprocess.run([PROMTOOL, "check", "metrics"], input=text.encode(), capture_output=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _listeners(port: int) -> set[str]:
+    """Local addresses listening on `port` (from /proc/net/tcp and tcp6)."""
+    out = set()
+    for path, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        for line in Path(path).read_text().splitlines()[1:]:
+            f = line.split()
+            addr, p = f[1].split(":")
+            if int(p, 16) != port or f[3] != "0A":  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(addr)
+            if v6:
+                out.add(socket.inet_ntop(socket.AF_INET6, b"".join(
+                    raw[i:i + 4][::-1] for i in range(0, 16, 4))))
+            else:
+                out.add(socket.inet_ntoa(raw[::-1]))
+    return out
+
