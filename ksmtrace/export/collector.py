@@ -5,7 +5,8 @@ snapshot, in its own registry.
 families once and swaps them in with one reference assignment; `collect()`
 (any number of scrape threads at once) yields the families of the newest
 snapshot. A scrape never waits for the kernel, the collector or a lock, and
-does no work beyond serialising.
+does no work beyond serialising (and the server keeps each snapshot's
+serialised text, so even that happens once per snapshot and format).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ksmtrace.model import Snapshot
 class SnapshotCollector:
     def __init__(self, top: int = DEFAULT_TOP):
         self.top = top
-        self._families: tuple[Metric, ...] = ()
+        self._current: tuple[int, tuple[Metric, ...]] = (0, ())  # (generation, families)
         self._snapshot: Snapshot | None = None
         self._cycles = 0
         self._last_cycle: float | None = None
@@ -38,13 +39,18 @@ class SnapshotCollector:
         t0 = time.perf_counter() if started is None else started
         self._cycles += 1
         fams = tuple(families(snap, self.top, self._last_cycle, self._cycles))
-        # one assignment each: a scrape sees the old or the new families, whole
-        self._families = fams
+        # one assignment: a scrape sees the old or the new families, whole
+        self._current = (self._cycles, fams)
         self._snapshot = snap
         self._last_cycle = time.perf_counter() - t0
 
+    @property
+    def current(self) -> tuple[int, tuple[Metric, ...]]:
+        """(generation, families) of the newest snapshot, read atomically."""
+        return self._current
+
     def collect(self):
-        return iter(self._families)
+        return iter(self._current[1])
 
     def describe(self):
         return ()  # families vary with the kernel and the source: no fixed description

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     host, port, top = _validate(args)
     registry, exporter = make_registry(top)
     # bind before attaching anything: a busy port fails fast and cleanly
-    server = MetricsServer(registry, host, port)
+    server = MetricsServer(registry, host, port, exporter)
     try:
         if args.replay:
             from ksmtrace.sources.replay import ReplaySource

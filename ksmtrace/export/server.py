@@ -1,6 +1,10 @@
 """The exporter's HTTP endpoint: GET /metrics from a registry, served by a
 thread per request (concurrent scrapes), read-only.
 
+With the SnapshotCollector given, the text of each snapshot is serialised
+once per format (OpenMetrics or Prometheus text, gzip or not) and reused by
+every scrape until the next snapshot.
+
 prometheus_client's own start_http_server keeps socketserver's listen
 backlog of 5; here it is 128, so a burst of scrapers is queued, not refused.
 """
@@ -8,12 +12,14 @@ backlog of 5; here it is 128, so a burst of scrapers is queued, not refused.
 from __future__ import annotations
 
 import errno
+import gzip
 import socket
 import threading
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from ksmtrace.errors import Busy, KsmtraceError
 
@@ -51,12 +57,46 @@ class _QuietHandler(WSGIRequestHandler):
         pass  # one line per scrape on stderr would drown the exporter's own messages
 
 
-def _app(registry):
+class _Families:
+    """One snapshot's families, as something encoders can collect."""
+
+    def __init__(self, fams):
+        self.fams = fams
+
+    def collect(self):
+        return iter(self.fams)
+
+
+def _app(registry, exporter=None):
     metrics = make_wsgi_app(registry)
+    # (generation, {(content type, gzip): (headers, body)}), swapped whole
+    holder: list[tuple[int, dict]] = [(-1, {})]
+
+    def cached(environ, start_response):
+        gen, fams = exporter.current
+        encoder, ctype = choose_encoder(environ.get("HTTP_ACCEPT"))
+        gz = gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING"))
+        held_gen, held = holder[0]
+        entries = held if held_gen == gen else {}
+        hit = entries.get((ctype, gz))
+        if hit is None:
+            body = encoder(_Families(fams))
+            headers = [("Content-Type", ctype)]
+            if gz:
+                body = gzip.compress(body, compresslevel=1)
+                headers.append(("Content-Encoding", "gzip"))
+            hit = entries[(ctype, gz)] = (headers, body)
+            if gen > held_gen:  # never back to an older snapshot
+                holder[0] = (gen, entries)
+        start_response("200 OK", list(hit[0]))
+        return [hit[1]]
 
     def app(environ, start_response):
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
+            if (exporter is not None and environ.get("REQUEST_METHOD") == "GET"
+                    and "name[]" not in environ.get("QUERY_STRING", "")):
+                return cached(environ, start_response)
             return metrics(environ, start_response)
         if path == "/":
             start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
@@ -71,7 +111,7 @@ class MetricsServer:
     """Binds at construction (so a busy port fails before any probe is
     attached), serves in a daemon thread after `start()`, `close()` stops."""
 
-    def __init__(self, registry, host: str, port: int):
+    def __init__(self, registry, host: str, port: int, exporter=None):
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
@@ -85,7 +125,7 @@ class MetricsServer:
             address_family = family
 
         try:
-            self.httpd = make_server(sockaddr[0], port, _app(registry), Server,
+            self.httpd = make_server(sockaddr[0], port, _app(registry, exporter), Server,
                                      handler_class=_QuietHandler)
         except OSError as e:
             where = f"{host}:{port}"

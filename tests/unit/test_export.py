@@ -316,7 +316,7 @@ def get(url: str, timeout: float = 30) -> tuple[int, bytes]:
 def test_100_concurrent_scrapes_all_succeed(snaps):
     reg, col = make_registry()
     col.publish(snaps[-1])
-    with MetricsServer(reg, "127.0.0.1", 0) as srv:
+    with MetricsServer(reg, "127.0.0.1", 0, col) as srv:
         url = f"http://127.0.0.1:{srv.port}/metrics"
         barrier = threading.Barrier(100)
         results: list[tuple[int, bytes] | BaseException] = [None] * 100  # type: ignore
@@ -341,6 +341,34 @@ def test_100_concurrent_scrapes_all_succeed(snaps):
         assert get(f"http://127.0.0.1:{srv.port}/")[0] == 200
         with pytest.raises(urllib.error.HTTPError):
             get(f"http://127.0.0.1:{srv.port}/nope")
+
+
+def test_each_snapshot_is_served_in_every_format_then_replaced(snaps):
+    import gzip
+
+    reg, col = make_registry()
+    with MetricsServer(reg, "127.0.0.1", 0, col) as srv:
+        url = f"http://127.0.0.1:{srv.port}/metrics"
+
+        def fetch(**headers):
+            req = urllib.request.Request(url, headers=headers)
+            with urllib.request.urlopen(req, timeout=30) as r:
+                body = r.read()
+                if r.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                return r.headers["Content-Type"], body.decode()
+
+        for snap in (snaps[5], snaps[-1], snaps[5]):
+            col.publish(snap)
+            plain = fetch()[1]
+            assert plain == scrape(reg).decode()
+            assert f"\nksmtrace_ksm_pages_sharing {float(snap.ksm.pages_sharing)}\n" in plain
+            assert fetch() == fetch(**{"Accept-Encoding": "gzip"})
+            ctype, om = fetch(Accept="application/openmetrics-text; version=1.0.0")
+            assert ctype.startswith("application/openmetrics-text")
+            assert om.endswith("# EOF\n")
+            assert f"\nksmtrace_ksm_pages_sharing {float(snap.ksm.pages_sharing)}\n" in om
+            assert fetch(Accept="application/openmetrics-text; version=1.0.0") == (ctype, om)
 
 
 def test_scrapes_see_whole_snapshots_while_new_ones_are_published(snaps):
