@@ -510,12 +510,6 @@ class _Child:
 
     def setup(self) -> None:
         spec = self.spec
-        if spec.register == "prctl":
-            try:
-                _prctl(self.libc, PR_SET_MEMORY_MERGE, 1)  # before the mmap: it is born mergeable
-            except OSError as e:
-                raise RuntimeError(f"PR_SET_MEMORY_MERGE (Linux 6.4+) failed: {e}") from e
-            self._unregister_others()
         size = spec.region_pages * PAGE
         m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         # THP pages are not merged page by page (and Debian defaults THP to
@@ -524,11 +518,23 @@ class _Child:
         buf = ctypes.c_char.from_buffer(m)
         self.addr = ctypes.addressof(buf)
         del buf  # an exported buffer would pin the mmap
+        self.region = m
+        if spec.register == "prctl":
+            # After the mmap, so the region is mergeable from the prctl on and
+            # `_unregister_others` leaves it so. Before it, the mm would have
+            # no mergeable VMA between the two calls, and ksmd drops such an
+            # mm from KSM, clearing MMF_VM_MERGE_ANY: nothing mapped later is
+            # mergeable (found in the 6.12 guest, where slow Python under TCG
+            # made that window wide: no VMA with the `mg` flag, ksmd asleep).
+            try:
+                _prctl(self.libc, PR_SET_MEMORY_MERGE, 1)
+            except OSError as e:
+                raise RuntimeError(f"PR_SET_MEMORY_MERGE (Linux 6.4+) failed: {e}") from e
+            self._unregister_others()
         # Page by page, so each content is a short-lived 4 KiB object: no big
         # buffers (malloc'd by mmap) holding copies of our contents.
         for i in range(spec.region_pages):
             m[i * PAGE : (i + 1) * PAGE] = page_content(spec, self.nonce, self.index, i)
-        self.region = m
         if spec.register == "madvise":
             m.madvise(mmap.MADV_MERGEABLE)
         self._unregister_others()
