@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 from ksmtrace.kernel.procfs import KsmStat
 from ksmtrace.model import (
     BPF_COUNTERS,
+    EVENT_SIZE,
     RATE_COUNTERS,
     CounterSample,
-    Event,
+    EventTail,
     MmStats,
     ProbeStatus,
     ProcessRow,
     Snapshot,
     Tick,
-    iter_events,
 )
 
 MAX_EXITED = 256  # exited processes kept in the table (most recent)
@@ -121,10 +121,8 @@ class Collector:
         lost = 0
         if b is not None:
             lost = b.counters.get("events_lost", 0) + b.perf_lost
-        events: tuple[Event, ...] = ()
-        if tick.events:
-            tail = tick.events[-EVENT_TAIL * 72:]
-            events = tuple(iter_events(tail))
+        # the newest events for views, decoded only if a view reads them
+        events = EventTail(tick.events[-EVENT_TAIL * EVENT_SIZE:]) if tick.events else ()
         return Snapshot(
             seq=tick.seq,
             wall=c.wall,
@@ -143,6 +141,7 @@ class Collector:
             lost_events=lost,
             events=events,
             notes=self.notes,
+            programs=b.programs if b is not None else (),
             page_maps=tick.page_maps,
         )
 

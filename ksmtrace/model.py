@@ -12,6 +12,7 @@ Coming out: an immutable `Snapshot` per interval. Views read snapshots only.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import IntEnum
 
@@ -112,6 +113,58 @@ def iter_events(blob: bytes | memoryview):
     """Decode a packed run of events (fast path: struct.iter_unpack)."""
     for t in EVENT_STRUCT.iter_unpack(blob):
         yield Event(*t[:10], t[10].split(b"\0", 1)[0].decode("utf-8", "replace"))
+
+
+class EventTail(Sequence[Event]):
+    """A snapshot's newest events, kept packed (struct ksm_event) and decoded
+    on first use: most snapshots are never looked at event by event, and
+    decoding is what a tick of the collector would otherwise spend most of
+    its time on (bench/collector.py). Immutable, compares like a tuple."""
+
+    __slots__ = ("_raw", "_decoded")
+
+    def __init__(self, raw: bytes = b""):
+        if len(raw) % EVENT_SIZE:
+            raise ValueError(f"{len(raw)} bytes is not a whole number of events")
+        self._raw = bytes(raw)
+        self._decoded: tuple[Event, ...] | None = None
+
+    @property
+    def raw(self) -> bytes:
+        return self._raw
+
+    def _all(self) -> tuple[Event, ...]:
+        if self._decoded is None:
+            self._decoded = tuple(iter_events(self._raw))
+        return self._decoded
+
+    def __len__(self) -> int:
+        return len(self._raw) // EVENT_SIZE
+
+    def __bool__(self) -> bool:
+        return bool(self._raw)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._all()[i]
+
+    def __iter__(self) -> Iterator[Event]:
+        return iter(self._all())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, EventTail):
+            return self._raw == other._raw
+        if isinstance(other, tuple):
+            return self._all() == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._raw)
+
+    def __repr__(self) -> str:
+        return f"EventTail({len(self)} events)"
+
+    def __deepcopy__(self, memo: dict) -> EventTail:
+        return self  # immutable
 
 
 # --------------------------------------------------------------------------
@@ -275,7 +328,7 @@ class Snapshot:
     traced: bool = False  # BPF figures present (live or replay of live)
     cow_estimated: bool = False  # per-process COW split from cow_ksm by wp faults
     lost_events: int = 0
-    events: tuple[Event, ...] = ()  # this interval's events (bounded tail)
+    events: Sequence[Event] = ()  # this interval's events (bounded tail; EventTail: lazy)
     notes: tuple[str, ...] = ()  # what this source cannot see, and why
     programs: tuple[ProgramCost, ...] = ()  # ksmtrace's own BPF cost, since load
     page_maps: dict[int, PageMap | str] = field(default_factory=dict)  # see Tick
