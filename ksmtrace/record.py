@@ -47,7 +47,10 @@ Format, version 2. All integers little-endian.
                                    unshares, rmap_removed]}   (MmStats order)
             "owners"     {mm: pid}
             "comms"      {pid: comm}
-            "perf_lost"  n }
+            "perf_lost"  n
+            "programs"   [[name, run_time_ns, run_count], ...]  ksmtrace's own
+                         BPF cost (model.ProgramCost); absent in recordings
+                         made before it was added, read as none }
     JSON object keys that are integers (mm, pid, slot) are decimal strings;
     reading turns them back into ints, lists back into tuples, so every tick
     reads back equal (==) to the tick that was written.
@@ -97,6 +100,7 @@ from ksmtrace.model import (
     MmStats,
     ProbeStatus,
     ProcessSample,
+    ProgramCost,
     Tick,
 )
 
@@ -137,6 +141,8 @@ def tick_to_json(t: Tick) -> dict[str, Any]:
             "perf_lost": b.perf_lost,
             "comms": {str(pid): comm for pid, comm in b.comms.items()},
         }
+        if b.programs:
+            d["bpf"]["programs"] = [[p.name, p.run_time_ns, p.run_count] for p in b.programs]
     return d
 
 
@@ -168,6 +174,8 @@ def tick_from_json(d: dict[str, Any], events: bytes) -> Tick:
             owners={int(mm): pid for mm, pid in b["owners"].items()},
             perf_lost=b["perf_lost"],
             comms={int(pid): comm for pid, comm in b["comms"].items()},
+            programs=tuple(ProgramCost(str(name), int(ns), int(n))
+                           for name, ns, n in b.get("programs", ())),
         )
     return Tick(d["seq"], c, bpf, events)
 

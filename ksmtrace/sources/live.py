@@ -24,10 +24,12 @@ from ksmtrace.model import (
     BpfTotals,
     MmStats,
     ProbeStatus,
+    ProgramCost,
     Tick,
 )
 from ksmtrace.probes import MAIN_SOURCE, Build, build
 from ksmtrace.sources import counters
+from ksmtrace.sources.bpfstats import BpfStats, program_name, read_fdinfo, read_program
 
 
 class LiveSource:
@@ -50,6 +52,8 @@ class LiveSource:
         self._resolved: set[int] = set()
         self._owner_pids: set[int] = set()
         self._exited: dict[int, MmStats] = {}
+        self._programs: dict[str, int] = {}  # program -> its fd (ours, bcc's)
+        self.stats = BpfStats()  # kernel BPF run-time stats, on while we run
         self.watch: set[int] = set()  # pids whose page map each tick carries
 
     # ------------------------------------------------------------------ setup
@@ -67,10 +71,13 @@ class LiveSource:
         if not self.spec.parts:
             raise NoBpf("no KSM path can be traced on this kernel (plan: polling only)",
                         "use `--sysfs-only`, or see `ksmtrace doctor` for why")
+        # stats on before loading: tracepoint programs attach as they load
+        self.stats.open()
         try:
             self._bpf = BPF(src_file=str(MAIN_SOURCE).encode(),
                             cflags=list(self.spec.cflags))
         except Exception as e:
+            self.stats.close()
             msg = str(e)
             if "kernel headers" in msg.lower():
                 raise NoHeaders(msg, "apt-get install linux-headers-amd64") from e
@@ -86,6 +93,8 @@ class LiveSource:
                                                      lost_cb=self._on_lost)
             if "COW_FN" in self.spec.parts:
                 self._calibrate_page_base()
+            self._programs = {program_name(k.decode()): f.fd
+                              for k, f in self._bpf.funcs.items() if f.fd >= 0}
         except BaseException:
             self.close()
             raise
@@ -124,9 +133,13 @@ class LiveSource:
         buf.close()
 
     def close(self) -> None:
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
+        try:
+            if self._bpf is not None:
+                self._bpf.cleanup()
+                self._bpf = None
+                self._programs = {}
+        finally:
+            self.stats.close()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -173,7 +186,19 @@ class LiveSource:
                                      int(v.wp_faults), int(v.unshares), int(v.rmap_removed))
                for k, v in b[b"mm_stats"].items()}
         exited, self._exited = self._exited, {}
-        return BpfTotals(counters, hist, errors, mms, exited, owners, self._perf_lost, comms)
+        return BpfTotals(counters, hist, errors, mms, exited, owners, self._perf_lost, comms,
+                         self.program_costs())
+
+    # ------------------------------------------------------------- own cost
+    def program_costs(self) -> tuple[ProgramCost, ...]:
+        """Each of our programs' kernel run time and run count since load
+        (zero while BPF stats could not be enabled: `stats.error` says why)."""
+        return tuple(read_program(name, fd) for name, fd in sorted(self._programs.items()))
+
+    def program_ids(self) -> dict[str, int]:
+        """Program name -> kernel program id (what bpftool shows)."""
+        return {name: read_fdinfo(fd).get("prog_id", 0)
+                for name, fd in sorted(self._programs.items())}
 
     def _drain_exited(self, owners: dict[int, int]) -> None:
         """mms whose owner has exited: read their final figures, then delete

@@ -22,7 +22,7 @@ import pytest
 from ksmtrace import collector as collector_mod
 from ksmtrace.collector import Collector
 from ksmtrace.errors import BadRecording, Exit
-from ksmtrace.model import EVENT_SIZE, BpfTotals, MmStats, Tick
+from ksmtrace.model import EVENT_SIZE, BpfTotals, MmStats, ProgramCost, Tick
 from ksmtrace.record import (
     DATA_START,
     END,
@@ -115,7 +115,9 @@ def test_a_synthetic_tick_round_trips(tmp_path, fixture_ticks):
     ksm = dataclasses.replace(t.counters.ksm, extra={"new_knob": "7"})
     bpf = BpfTotals({"merges_new_ksm_page": 3}, {"merge_latency_seconds": {12: 4, 63: 1}},
                     {"into_ksm_page:-16": 2}, {0xFFFF8881: MmStats((1, 2, 3), 4, (5, 6), 7, 8, 9)},
-                    {0xFFFF8882: MmStats()}, {0xFFFF8881: 42}, perf_lost=5, comms={42: "qemu"})
+                    {0xFFFF8882: MmStats()}, {0xFFFF8881: 42}, perf_lost=5, comms={42: "qemu"},
+                    programs=(ProgramCost("ksm:ksm_merge_with_ksm_page", 812345, 30000),
+                              ProgramCost("kp_cow", 0, 0)))
     tick = Tick(99, dataclasses.replace(t.counters, ksm=ksm), bpf, t.events or bytes(EVENT_SIZE))
     no_bpf = Tick(100, t.counters, None, b"")
     p = tmp_path / "s.ksmrec"
