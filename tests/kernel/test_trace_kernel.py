@@ -7,6 +7,7 @@ break the kernel counts happened while we traced.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -45,8 +46,10 @@ def traced(facts, stream=False, force=None):
     return src, plan
 
 
+@pytest.mark.vm
+@pytest.mark.traced
 def test_merges_scan_rounds_and_cow_equal_kernel_counters(facts, quiet_ksm):
-    src, _ = traced(facts)
+    src, plan = traced(facts)
     with src:
         col = Collector("live", src.probes, src.notes, src.cow_estimated)
         col.add_tick(src.tick())
@@ -80,10 +83,20 @@ def test_merges_scan_rounds_and_cow_equal_kernel_counters(facts, quiet_ksm):
         time.sleep(0.5)  # ksmd stopped by the workload's knob restore
         final = col.add_tick(src.tick())
         assert final.ksm.run == 0
-        assert final.totals["scan_rounds"] == final.totals["full_scans"] > 0
+        assert final.totals["full_scans"] > 0
+        if plan.get("scan_rounds").method == "polling":
+            # 6.1: no ksm:* tracepoints and ksm_do_scan inlined, nothing
+            # traces a round; the view shows sysfs full_scans only
+            assert final.totals["scan_rounds"] == 0
+            assert not facts.tracepoints.get("ksm:ksm_start_scan")
+        else:
+            assert final.totals["scan_rounds"] == final.totals["full_scans"]
         assert final.lost_events == 0
 
 
+@pytest.mark.vm
+@pytest.mark.traced
+@pytest.mark.ksm_zero_pages
 def test_zero_page_merges_equal_ksm_zero_pages(facts, quiet_ksm):
     src, _ = traced(facts)
     with src:
@@ -99,6 +112,8 @@ def test_zero_page_merges_equal_ksm_zero_pages(facts, quiet_ksm):
             assert s.totals["merges"] - s.totals["merges_zero_page"] == s.totals["merged_pages"]
 
 
+@pytest.mark.vm
+@pytest.mark.traced
 def test_no_lost_events_in_a_30k_page_merge_with_the_stream_on(facts, quiet_ksm):
     src, _ = traced(facts, stream=True)
     with src:
@@ -119,6 +134,8 @@ def test_no_lost_events_in_a_30k_page_merge_with_the_stream_on(facts, quiet_ksm)
         assert len(tick.events) % EVENT_SIZE == 0
 
 
+@pytest.mark.vm
+@pytest.mark.traced
 def test_default_mode_aggregates_without_a_stream(facts, quiet_ksm):
     src, _ = traced(facts, stream=False)
     with src:
@@ -132,21 +149,40 @@ def test_default_mode_aggregates_without_a_stream(facts, quiet_ksm):
         assert s.totals["events_sent"] == 0  # nothing was streamed
 
 
+@pytest.mark.vm
+@pytest.mark.traced
 def test_owner_of_processes_registered_before_tracing(facts, quiet_ksm):
     """mm -> pid for processes that called madvise before ksmtrace attached."""
     with Workload(WorkloadSpec(processes=2, pages=500, distinct=5)) as w:
         w.wait_merged()
         src, _ = traced(facts)
-        with src:
+        # ksmd is paused while the programs are attached and detached: fentry
+        # and fexit wait there for an RCU Tasks grace period, which a ksmd
+        # spinning at sleep_millisecs=0 (the workload's setting) never lets
+        # end, as it never sleeps voluntarily (found in the 6.12 guest: the
+        # attach hung, with "rcu_tasks detected stalls" on ksmd)
+        with ksmd_paused():
+            src.__enter__()
+        try:
             col = Collector("live", src.probes, src.notes, src.cow_estimated)
             col.add_tick(src.tick())
             written = w.cow(0.2)
             w.wait_expected()
             s = col.add_tick(src.tick())
-            rows = {r.pid: r for r in s.processes}
-            assert set(w.pids) <= set(rows)
-            assert sum(rows[p].cow_breaks for p in w.pids) == sum(written.values())
-            assert rows.get(0) is None or rows[0].cow_breaks == 0
+        finally:
+            with ksmd_paused():
+                src.close()
+        rows = {r.pid: r for r in s.processes}
+        assert set(w.pids) <= set(rows)
+        assert sum(rows[p].cow_breaks for p in w.pids) == sum(written.values())
+        assert rows.get(0) is None or rows[0].cow_breaks == 0
+
+
+@contextlib.contextmanager
+def ksmd_paused():
+    with sysfs.KsmKnobs() as k:
+        k.set(run=0)
+        yield
 
 
 def count_programs() -> int:
