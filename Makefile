@@ -1,5 +1,5 @@
 # Convenience targets; the README's two commands are scripts/demo and scripts/test.
-.PHONY: setup demo test test-unit test-kernel lint
+.PHONY: setup demo test test-unit test-kernel test-vm lint
 setup:
 	scripts/setup.sh
 demo:
@@ -9,6 +9,11 @@ test:
 test-unit: setup
 	.venv/bin/python -m pytest -q tests/unit
 test-kernel: setup
-	.venv/bin/python -m pytest -q -m kernel
+	.venv/bin/python -m pytest -q -m 'kernel and not fn_probes'
+# the test-kernel tier: Debian 13 (6.12) and 12 (6.1) guests under QEMU, every
+# backend their kernels offer (tests/vm/README.md); ARGS="--guests trixie ..."
+test-vm:
+	tests/vm/deps.sh
+	python3 tests/vm/run.py $(ARGS)
 lint: setup
 	.venv/bin/ruff check ksmtrace tests

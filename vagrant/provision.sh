@@ -5,7 +5,9 @@
 #   provision.sh install   tests/vm/guest/provision.sh: Debian packages (packages.txt),
 #                          /opt/ksmtrace/venv, ksmtrace editable with its [dev] extras
 #   provision.sh tests     tests/vm/guest/kernel-tier.sh: `ksmtrace doctor --json`, then
-#                          `pytest -m kernel` once per backend the kernel offers
+#                          the tests CI's QEMU guests run (`-m vm`: the backend-independent
+#                          ones once, the traced ones once per backend the kernel offers);
+#                          KSMTRACE_TIER_ALL=1: the whole kernel tier per backend instead
 # env: KSMTRACE_SRC (default /vagrant, where the Vagrantfile syncs the project)
 set -euo pipefail
 
@@ -27,7 +29,9 @@ case ${1:-} in
     ln -sf /opt/ksmtrace/venv/bin/ksmtrace /usr/local/sbin/ksmtrace
     ;;
   tests)
-    "$GUEST/kernel-tier.sh" -o "$SRC/build/kernel-tier" -n "vagrant-$(uname -r)"
+    all=()
+    [ "${KSMTRACE_TIER_ALL:-0}" = 1 ] && all=(--all)
+    "$GUEST/kernel-tier.sh" -o "$SRC/build/kernel-tier" -n "vagrant-$(uname -r)" "${all[@]}"
     echo "results (JUnit XML, doctor JSON, logs): $SRC/build/kernel-tier"
     ;;
   *)

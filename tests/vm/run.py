@@ -23,6 +23,7 @@ Run `tests/vm/run.py --help` for options; README.md next to it explains more.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import fcntl
 import hashlib
@@ -274,7 +275,7 @@ def qemu_command(image: Image, disk: Path, accel: str, opts: argparse.Namespace)
         "-machine",
         "mem-merge=off",
         "-smp",
-        str(opts.smp),
+        str(opts.smp or (2 if accel == "kvm" else 1)),
         "-m",
         str(opts.mem),
         "-no-reboot",
@@ -382,10 +383,17 @@ def guest_timeout(guest: Guest, opts: argparse.Namespace) -> float:
     the worst case inside CI's time while never cutting a healthy run short."""
     if opts.timeout:
         return opts.timeout
-    backends = sum(1 for b in guest.backends if b in opts.backends)
+    passes = len(guest_passes(guest, opts))
     smoke = 240 if (opts.smoke or opts.smoke_only) else 0
-    tests = 0 if opts.smoke_only else backends * (opts.backend_timeout + 60)
+    tests = 0 if opts.smoke_only else passes * (opts.backend_timeout + 60)
     return 300 + smoke + tests
+
+
+def guest_passes(guest: Guest, opts: argparse.Namespace) -> list[str]:
+    """The pytest passes a guest runs (guest/kernel-tier.sh): the tests that do
+    not depend on the backend once ("untraced"), then one per backend."""
+    backends = [b for b in guest.backends if b in opts.backends]
+    return backends if opts.all else ["untraced", *backends]
 
 
 def kvm_usable() -> str | None:
@@ -530,7 +538,7 @@ def evaluate(guest: Guest, out: Path, job: dict[str, str], opts: argparse.Namesp
             g.smoke = f"ok ({ok}/{len(attached)} probes attached)"
 
     if job.get("TESTS") == "1":
-        for b in job["BACKENDS"].split():
+        for b in job["PASSES"].split():
             g.backends.append(backend_result(g, b, rc_of(f"pytest-{b}"), out, opts))
     return g
 
@@ -665,6 +673,8 @@ def run_guest(guest: Guest, opts: argparse.Namespace, state: dict) -> GuestResul
     job = {
         "GUEST": guest.name,
         "BACKENDS": " ".join(backends),
+        "PASSES": " ".join(guest_passes(guest, opts)),
+        "ALL": "1" if opts.all else "0",
         "TESTS": "0" if opts.smoke_only else "1",
         "SMOKE": "1" if (opts.smoke or opts.smoke_only) else "0",
         "PYTEST_ARGS": shlex.join(opts.pytest_args),
@@ -775,7 +785,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="Debian mirror for debootstrap (default %(default)s)",
     )
     p.add_argument("--mem", type=int, default=2048, help="guest MiB (default %(default)s)")
-    p.add_argument("--smp", type=int, default=2, help="guest CPUs (default %(default)s)")
+    p.add_argument(
+        "--smp",
+        type=int,
+        default=int(env("KSMTRACE_VM_SMP", "0")),
+        help="guest CPUs (default: 2 under KVM, 1 under TCG, where a second vCPU races "
+        "the kernel's text patching of tracepoints and probes: see README)",
+    )
+    p.add_argument(
+        "--serial",
+        action="store_true",
+        default=env("KSMTRACE_VM_PARALLEL", "1") == "0",
+        help="boot the guests one after the other (default: in parallel)",
+    )
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="the whole kernel tier per backend, not the focused `vm` selection",
+    )
     p.add_argument(
         "--nice",
         type=int,
@@ -792,7 +819,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--backend-timeout",
         type=int,
-        default=int(env("KSMTRACE_VM_BACKEND_TIMEOUT", "420")),
+        default=int(env("KSMTRACE_VM_BACKEND_TIMEOUT", "540")),
         help="seconds for one backend's pytest run; then it is interrupted and the next "
         "backend runs (default %(default)s)",
     )
@@ -864,7 +891,13 @@ def main(argv: list[str] | None = None) -> int:
         log(f"KVM not tried: {why}; using TCG")
         state.update(accel="tcg", kvm_failure=f"not tried: {why}")
     t0 = time.monotonic()
-    results = [run_guest(guest, opts, state) for guest in opts.guests]
+    if opts.serial or len(opts.guests) == 1:
+        results = [run_guest(guest, opts, state) for guest in opts.guests]
+    else:
+        # one thread per guest: TCG runs a guest's vCPU on one host core, so
+        # two guests use the two cores of a CI machine
+        with concurrent.futures.ThreadPoolExecutor(len(opts.guests)) as pool:
+            results = list(pool.map(lambda g: run_guest(g, opts, state), opts.guests))
     wall = time.monotonic() - t0
 
     text = summary_table(results)
@@ -872,6 +905,13 @@ def main(argv: list[str] | None = None) -> int:
         f"KVM: {state['kvm_failure']}" if state["kvm_failure"] else f"accel: {state['accel']}"
     )
     text += f"\n\n{accel_note}\ntotal wall time {fmt_s(wall)}; results in {opts.results}\n"
+    if not opts.build_only:  # the closing line CI's log reader looks for
+        n = {k: sum(getattr(b, k) for r in results for b in r.backends)
+             for k in ("passed", "failed", "errors", "skipped")}
+        problems = sum(len(r.problems) for r in results)
+        text += f"{problems} problem(s) (PROBLEM lines above)\n"
+        text += (f"test-vm: {n['passed']} passed, {n['failed'] + n['errors']} failed, "
+                 f"{n['skipped']} skipped\n")
     print("\n" + text)
     (opts.results / "summary.txt").write_text(text)
     (opts.results / "summary.json").write_text(

@@ -3,26 +3,37 @@
 # after `ksmtrace doctor --json`. Shared by the QEMU harness guests
 # (tests/vm/guest/runner.sh) and the Vagrant box (vagrant/provision.sh).
 #
-# usage: kernel-tier.sh [-o RESULTS] [-b "BACKENDS"] [-n NAME] [-t SECONDS] [-- PYTEST_ARGS...]
+# usage: kernel-tier.sh [-o RESULTS] [-b "BACKENDS"] [-n NAME] [-t SECONDS] [--all] [-- PYTEST_ARGS...]
 #        kernel-tier.sh --offered      print the backends this kernel offers, and exit
 #   -o  results directory (default ./build/kernel-tier); it gets
 #       doctor.json doctor.err doctor.rc ("absent" when the CLI has no doctor yet)
-#       and per backend B: doctor-B.json (the plan with B forced), pytest-B.log,
-#       pytest-B.rc, junit-B.xml
+#       and per pass P: pytest-P.log, pytest-P.rc, junit-P.xml, selection-P.txt
+#       (the -m expression), and per backend B: doctor-B.json (the plan with B forced)
 #   -b  backends to force, in turn (default: every one the kernel offers)
 #   -n  a name for the JUnit suites (default: the host name)
-#   -t  time budget per backend: pytest gets SIGINT after it (it then stops,
-#       writes its JUnit XML and exits; SIGKILL 30 s later) and pytest-B.rc is
-#       124 or 137, so one hung test cannot eat the other backends' time
+#   -t  time budget per pass: pytest gets SIGINT after it (it then stops,
+#       writes its JUnit XML and exits; SIGKILL 30 s later) and pytest-P.rc is
+#       124 or 137, so one hung test cannot eat the other passes' time
 #       (default: none)
+#   --all  the whole kernel tier per backend (`-m kernel`), not the focused
+#       selection below (what a developer in the Vagrant box may want)
+# The focused selection (default), in this order:
+#   pass "untraced": `-m "kernel and vm and not traced"` once, automatic plan
+#       (the workload and page-map figures do not depend on the backend);
+#   pass B, per backend: `-m "kernel and vm and traced"` with KSMTRACE_ATTACH=B,
+#       without the `fn_probes` tests when B is tracepoint (they need fentry or
+#       kprobe, which that pass does not attach).
+#   Tests marked `ksm_zero_pages` are left out where the kernel has no
+#   ksm_zero_pages counter (< 6.10), and those marked `prctl_merge` where it
+#   has no PR_SET_MEMORY_MERGE (< 6.4); selection-P.txt says so.
 # env: KSMTRACE_VENV (default /opt/ksmtrace/venv), PYTEST_TIMEOUT (default 300 s per test)
-# Exit status 0 when doctor and every backend's tests passed, else 1.
+# Exit status 0 when doctor and every pass passed, else 1.
 set -uo pipefail
 
 SRC=$(cd "$(dirname "$0")/../../.." && pwd)
 VENV=${KSMTRACE_VENV:-/opt/ksmtrace/venv}
 R=$SRC/build/kernel-tier
-BACKENDS="" NAME=$(hostname) BUDGET=""
+BACKENDS="" NAME=$(hostname) BUDGET="" ALL=0
 
 # What the kernel offers, independently of ksmtrace: fentry needs BTF, kprobe
 # needs kprobe events, the tracepoint backend needs the ksm:* tracepoints.
@@ -42,6 +53,7 @@ while [ $# -gt 0 ]; do
     -b) BACKENDS=$2; shift 2 ;;
     -n) NAME=$2; shift 2 ;;
     -t) BUDGET=$2; shift 2 ;;
+    --all) ALL=1; shift ;;
     --) shift; break ;;
     *) echo "kernel-tier.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -66,17 +78,44 @@ else
   tail -n 3 "$R/doctor.err"
 fi
 
-for b in $BACKENDS; do
-  echo "KSMVM-STEP pytest-$b up=$(cut -d" " -f1 /proc/uptime)"
-  if [ "$have_doctor" = 1 ]; then
-    ksmtrace doctor --json --attach "$b" > "$R/doctor-$b.json" 2>/dev/null
+# the pytest -m expression of one pass (see the usage above)
+selection() {
+  local pass=$1 m
+  if [ "$ALL" = 1 ]; then
+    m="kernel"
+  elif [ "$pass" = untraced ]; then
+    m="kernel and vm and not traced"
+  else
+    m="kernel and vm and traced"
+    [ "$pass" = tracepoint ] && m="$m and not fn_probes"
   fi
+  [ -e /sys/kernel/mm/ksm/ksm_zero_pages ] || m="$m and not ksm_zero_pages"
+  # PR_GET_MEMORY_MERGE (68) is EINVAL before 6.4
+  python -c 'import ctypes, sys; sys.exit(ctypes.CDLL(None).prctl(68, 0, 0, 0, 0) < 0)' ||
+    m="$m and not prctl_merge"
+  echo "$m"
+}
+
+PASSES=$BACKENDS
+[ "$ALL" = 1 ] || PASSES="untraced $BACKENDS"
+for b in $PASSES; do
+  echo "KSMVM-STEP pytest-$b up=$(cut -d" " -f1 /proc/uptime)"
+  attach=()
+  if [ "$b" != untraced ]; then
+    attach=(KSMTRACE_ATTACH="$b")
+    if [ "$have_doctor" = 1 ]; then
+      ksmtrace doctor --json --attach "$b" > "$R/doctor-$b.json" 2>/dev/null
+    fi
+  fi
+  sel=$(selection "$b")
+  echo "$sel" > "$R/selection-$b.txt"
+  echo "pass $b: pytest -m \"$sel\""
   budget=()
   [ -n "$BUDGET" ] && budget=(timeout -k 30 -s INT "$BUDGET")
   # Output to the file, and from there to the console: a pipe into tee would
   # wait for any straggling child process that still holds it open.
   : > "$R/pytest-$b.log"
-  "${budget[@]}" env KSMTRACE_ATTACH="$b" CI=true python -m pytest tests -m kernel \
+  "${budget[@]}" env "${attach[@]}" CI=true python -m pytest tests -m "$sel" \
     -p no:cacheprovider --timeout="${PYTEST_TIMEOUT:-300}" --junitxml="$R/junit-$b.xml" \
     -o junit_suite_name="$NAME-$b" "$@" > "$R/pytest-$b.log" 2>&1 &
   pid=$!

@@ -5,7 +5,8 @@
 # from those files, not from this script's exit status.
 #
 # job.env (written by tests/vm/run.py):
-#   GUEST=trixie  BACKENDS="fentry kprobe tracepoint"  SMOKE=0|1  TESTS=0|1
+#   GUEST=trixie  BACKENDS="fentry kprobe tracepoint"  PASSES="untraced ..."  ALL=0|1
+#   SMOKE=0|1  TESTS=0|1
 #   PYTEST_ARGS="..." (shell-quoted)  PYTEST_TIMEOUT=300 (per test)  BACKEND_TIMEOUT=420
 set -uo pipefail
 
@@ -52,8 +53,10 @@ fi
 if [ "${TESTS:-1}" = 1 ]; then
   step kernel-tier
   eval "set -- ${PYTEST_ARGS:-}"
+  all=()
+  [ "${ALL:-0}" = 1 ] && all=(--all)
   PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-300} \
-    "$GUEST_DIR/kernel-tier.sh" -o "$R" -b "$BACKENDS" -n "$GUEST" -t "$BACKEND_TIMEOUT" -- "$@"
+    "$GUEST_DIR/kernel-tier.sh" -o "$R" -b "$BACKENDS" -n "$GUEST" -t "$BACKEND_TIMEOUT" "${all[@]}" -- "$@"
   echo $? > "$R/kernel-tier.rc"
 fi
 step finished
