@@ -1,5 +1,5 @@
 # Convenience targets; the README's two commands are scripts/demo and scripts/test.
-.PHONY: setup demo test test-unit test-kernel test-vm lint
+.PHONY: setup demo test test-unit test-kernel bench test-vm lint
 setup:
 	scripts/setup.sh
 demo:
@@ -15,5 +15,9 @@ test-kernel: setup
 test-vm:
 	tests/vm/deps.sh
 	python3 tests/vm/run.py $(ARGS)
+# benchmarks, as root (the ksmd one drives KSM and BPF, holding the kernel-test
+# lock): prints the table, writes bench/RESULTS.md; ARGS="--quick" for a smoke run
+bench: setup
+	.venv/bin/python bench/run.py $(ARGS)
 lint: setup
 	.venv/bin/ruff check ksmtrace tests

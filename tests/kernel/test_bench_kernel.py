@@ -1,0 +1,97 @@
+"""ksmtrace's own BPF cost against independent witnesses, and the ksmd
+benchmark's smoke run (it runs and produces its rows; figures are not
+checked here, they live in bench/RESULTS.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ksmtrace.collector import Collector
+from ksmtrace.kernel import capabilities as caps
+from ksmtrace.kernel import sysfs
+from ksmtrace.sources.live import LiveSource
+from ksmtrace.workload import Workload, WorkloadSpec, other_ksm_users
+
+pytestmark = pytest.mark.kernel
+BENCH = Path(__file__).resolve().parent.parent.parent / "bench"
+
+
+@pytest.fixture(scope="module")
+def facts() -> caps.Facts:
+    return caps.probe_host()
+
+
+@pytest.fixture
+def quiet_ksm():
+    assert sysfs.read_knob("run") == 0, "ksmd is running: another KSM user is active"
+    assert not other_ksm_users(), "other processes use KSM"
+
+
+def bpftool_progs() -> dict[int, dict]:
+    out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True,
+                         check=True).stdout
+    return {p["id"]: p for p in json.loads(out)}
+
+
+def test_program_costs_equal_bpftool_and_the_programs_own_counts(facts, quiet_ksm):
+    plan = caps.plan(facts, None)
+    with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+        sysctl_before = f.read()
+    src = LiveSource(facts, plan)
+    with src:
+        assert src.stats.how == "fd", src.stats.error  # 6.18: bpf(BPF_ENABLE_STATS)
+        col = Collector("live", src.probes, src.notes, src.cow_estimated)
+        col.add_tick(src.tick())
+        with Workload(WorkloadSpec(processes=2, pages=2000, distinct=20)) as w:
+            w.wait_merged()
+            with sysfs.KsmKnobs() as k:
+                k.set(run=0)  # ksmd still: the ksm:* programs stop running
+                snap = col.add_tick(src.tick())
+                ids = src.program_ids()
+                witness = bpftool_progs()
+        costs = {p.name: p for p in snap.programs}
+        assert set(costs) == set(ids) and costs
+        merge = costs["ksm:ksm_merge_with_ksm_page"]
+        # run count == the merges the program counted itself == pages merged
+        assert merge.run_count == snap.totals["merges"] == snap.totals["merged_pages"] == 4000
+        assert merge.run_time_ns > 0
+        for name, p in costs.items():
+            if not name.startswith("ksm:"):
+                continue  # page faults and locks go on system-wide meanwhile
+            b = witness[ids[name]]
+            assert (b.get("run_cnt", 0), b.get("run_time_ns", 0)) == (p.run_count,
+                                                                      p.run_time_ns), name
+        assert costs["ksm:ksm_start_scan"].run_count == snap.totals["scan_starts"]
+    assert src.stats.fd == -1  # closed with the source: stats off again
+    with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+        assert f.read() == sysctl_before
+
+
+def test_ksmd_benchmark_runs_and_produces_its_rows(quiet_ksm, monkeypatch):
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        from bench import ksmd_overhead
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    monkeypatch.setattr(ksmd_overhead, "LOCK_HELD", True)  # the kernel tier holds it
+    results = ksmd_overhead.measure(quick=True, reps=1)
+    assert sorted(r["mode"] for r in results) == sorted(ksmd_overhead.MODES)
+    for r in results:
+        assert r["seconds"] > 0
+        if r["mode"] != "untraced":
+            assert r["merges"] == 10000, r  # every tracer saw the whole burst
+    rows = ksmd_overhead.rows_from(results, 10000)
+    names = [r["name"] for r in rows]
+    for m in ("untraced", "ksmtrace default", "ksmtrace + event stream", "bpftrace count-only"):
+        assert f"merge 10k pages: {m}" in names
+    assert "merge time ratio to untraced: ksmtrace default" in names
+    assert "lost events during the burst: ksmtrace + event stream" in names
+    assert "ksmtrace BPF run time / ksmd CPU: ksmtrace default" in names
+    for r in rows:
+        assert set(r) == {"name", "value", "unit", "target", "met", "note"}
+    assert sysfs.read_knob("run") == 0
