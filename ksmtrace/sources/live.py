@@ -31,6 +31,9 @@ from ksmtrace.probes import MAIN_SOURCE, Build, build
 from ksmtrace.sources import counters
 from ksmtrace.sources.bpfstats import BpfStats, program_name, read_fdinfo, read_program
 
+RESOLVER_TP = b"mmap_lock:mmap_lock_start_locking"
+RESOLVER_FN = b"tracepoint__mmap_lock__mmap_lock_start_locking"
+
 
 class LiveSource:
     kind = "live"
@@ -95,6 +98,9 @@ class LiveSource:
                 self._calibrate_page_base()
             self._programs = {program_name(k.decode()): f.fd
                               for k, f in self._bpf.funcs.items() if f.fd >= 0}
+            if "RESOLVER" in self.spec.parts:
+                # bcc attached it at load; it is attached only while resolving
+                self._bpf.detach_tracepoint(tp=RESOLVER_TP)
         except BaseException:
             self.close()
             raise
@@ -227,11 +233,20 @@ class LiveSource:
         if "RESOLVER" not in self.spec.parts:
             return
         known = self._owner_pids  # from the previous tick's read of the map
+        todo = [pid for pid in pids
+                if pid not in known and pid not in self._resolved and pid != os.getpid()]
+        if not todo:
+            return
+        self._bpf.attach_tracepoint(tp=RESOLVER_TP, fn_name=RESOLVER_FN)
+        try:
+            self._resolve(todo)
+        finally:
+            self._bpf.detach_tracepoint(tp=RESOLVER_TP)
+
+    def _resolve(self, pids: list[int]) -> None:
         table = self._bpf[b"resolve"]
         tid = threading.get_native_id()
         for pid in pids:
-            if pid in known or pid in self._resolved or pid == os.getpid():
-                continue
             req = table[ctypes.c_int(0)]
             req.tid, req.pid = tid, pid
             table[ctypes.c_int(0)] = req
