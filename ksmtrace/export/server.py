@@ -22,6 +22,7 @@ from prometheus_client import make_wsgi_app
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from ksmtrace.errors import Busy, KsmtraceError
+from ksmtrace.export.encode import fast_encoder, plain
 
 LANDING = b"""<html><head><title>ksmtrace exporter</title></head><body>
 <h1>ksmtrace exporter</h1>
@@ -80,7 +81,8 @@ def _app(registry, exporter=None):
         entries = held if held_gen == gen else {}
         hit = entries.get((ctype, gz))
         if hit is None:
-            body = encoder(_Families(fams))
+            fast = fast_encoder(ctype) if plain(fams) else None
+            body = fast(fams) if fast else encoder(_Families(fams))
             headers = [("Content-Type", ctype)]
             if gz:
                 body = gzip.compress(body, compresslevel=1)

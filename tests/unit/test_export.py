@@ -250,6 +250,24 @@ def test_program_cost_when_the_source_reports_it(snaps):
     assert value(reg, "ksmtrace_bpf_program_runs_total", program=prog.name) == 1350
 
 
+def test_fast_encoders_write_what_prometheus_client_writes(snaps):
+    from prometheus_client.openmetrics.exposition import generate_latest as om_latest
+
+    from ksmtrace.export import encode
+
+    weird = dataclasses.replace(snaps[5].processes[0], comm='a"b\\c\nd é', pid=7,
+                                cgroup="/x\\y")
+    cases = list(snaps) + replay_snapshots(bpf=False)[:6] + [
+        dataclasses.replace(snaps[5], processes=snaps[5].processes + (weird,))]
+    for snap in cases:
+        reg, col = make_registry()
+        col.publish(snap)
+        fams = col.current[1]
+        assert encode.plain(fams)
+        assert encode.text(fams) == scrape(reg)
+        assert encode.openmetrics(fams) == om_latest(reg)
+
+
 def test_exposition_parses_with_types_and_help(snaps):
     text = scrape(registry_for(snaps[-1])).decode()
     fams = {f.name: f for f in text_string_to_metric_families(text)}
