@@ -219,7 +219,7 @@ def measure(quick: bool, reps: int | None = None, modes: tuple[str, ...] = MODES
     spec = (WorkloadSpec(processes=2, pages=5000, distinct=100) if quick
             else WorkloadSpec(processes=4, pages=50000, distinct=1000))
     pages = spec.processes * spec.pages
-    reps = reps or (2 if quick else 7)
+    reps = reps or (2 if quick else 5)
     with kernel_lock():
         if sysfs.read_knob("run") != 0:
             raise RuntimeError("ksmd is running: another KSM user is active")
@@ -237,15 +237,20 @@ def measure(quick: bool, reps: int | None = None, modes: tuple[str, ...] = MODES
                 knobs.set(run=0)
                 try:
                     with Workload(spec, drive_ksmd=True, pages_to_scan=100000) as w:
-                        w.wait_merged()  # warm-up merge, not measured
-                        for r in range(reps):
-                            k = r % len(modes)
-                            for mode in modes[k:] + modes[:k]:
-                                results.append(burst(knobs, ksmd, mode, ff.name, pages))
-                                print(f"bench: ksmd: rep {r + 1}/{reps} {mode:9} "
-                                      f"{results[-1]['seconds']:.3f} s", file=sys.stderr)
-                        knobs.set(run=2)  # leave nothing merged behind the workload
-                        _wait(lambda: _merged() == 0, 60, "the final unmerge")
+                        try:
+                            w.wait_merged()  # warm-up merge, not measured
+                            for r in range(reps):
+                                k = r % len(modes)
+                                for mode in modes[k:] + modes[:k]:
+                                    results.append(burst(knobs, ksmd, mode, ff.name, pages))
+                                    print(f"bench: ksmd: rep {r + 1}/{reps} {mode:9} "
+                                          f"{results[-1]['seconds']:.3f} s", file=sys.stderr)
+                        finally:
+                            # on every path, while the children live: leave nothing
+                            # merged (exited processes' pages would stay counted
+                            # until ksmd next runs, spoiling the next user's deltas)
+                            knobs.set(run=2)
+                            _wait(lambda: _merged() == 0, 60, "the final unmerge")
                 finally:
                     knobs.set(run=0)
     return results

@@ -45,6 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.add_argument("--cost-seconds", type=float, default=COST_SECONDS, metavar="S",
+                   help="attach the default programs for S seconds and show what they cost "
+                   f"the kernel (BPF stats; default {COST_SECONDS:g}, 0 skips it)")
     p.add_argument(
         "--attach",
         choices=("auto", "fentry", "kprobe", "tracepoint"),
@@ -52,6 +55,58 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="show the plan with this backend forced",
     )
     p.set_defaults(func=run)
+
+
+COST_SECONDS = 1.0
+
+
+def measure_cost(facts: caps.Facts, plan: caps.Plan, seconds: float) -> dict:
+    """ksmtrace's own BPF cost, measured: the default programs of this plan
+    attached for `seconds` with the kernel's BPF stats on, each program's
+    runs and run time as the kernel counts them. Real, so it depends on what
+    the machine does meanwhile (ksm:* programs run only while ksmd works)."""
+    import time
+
+    from ksmtrace.errors import KsmtraceError
+    from ksmtrace.sources.live import LiveSource
+
+    out: dict = {"seconds": seconds, "stats": None, "programs": [], "error": None,
+                 "ksm_run": facts.ksm_knobs.get("run")}
+    try:
+        with LiveSource(facts, plan) as src:
+            out["stats"] = src.stats.how or f"unavailable: {src.stats.error}"
+            t0 = time.monotonic()
+            time.sleep(seconds)
+            costs = src.program_costs()
+            out["seconds"] = round(time.monotonic() - t0, 3)
+    except (KsmtraceError, OSError) as e:
+        out["error"] = str(e)
+        return out
+    out["programs"] = [{"name": p.name, "runs": p.run_count, "run_time_ns": p.run_time_ns,
+                        "ns_per_run": round(p.run_time_ns / p.run_count) if p.run_count else None}
+                       for p in costs]
+    return out
+
+
+def render_cost(cost: dict) -> str:
+    out = [f"ksmtrace's own BPF cost (default programs attached {cost['seconds']:g} s, "
+           "kernel BPF stats)"]
+    if cost["error"]:
+        out.append(f"  not measured: {cost['error']}")
+        return "\n".join(out)
+    if not str(cost["stats"]).startswith(("fd", "sysctl")):
+        out.append(f"  BPF stats {cost['stats']}: run times read as 0")
+    out.append(f"  {'program':38}{'runs':>10}{'ns/run':>9}{'run time':>12}")
+    total = 0
+    for p in cost["programs"]:
+        total += p["run_time_ns"]
+        per = "-" if p["ns_per_run"] is None else str(p["ns_per_run"])
+        out.append(f"  {p['name']:38}{p['runs']:>10,}{per:>9}{p['run_time_ns'] / 1e6:>10.3f}ms")
+    share = 100 * total / 1e9 / cost["seconds"] if cost["seconds"] else 0.0
+    out.append(f"  total {total / 1e6:.3f} ms of CPU in {cost['seconds']:g} s ({share:.3f} % "
+               "of one CPU)" + ("; ksmd is stopped (run=0): the ksm:* programs ran only if "
+                                "KSM did something" if cost.get("ksm_run") == 0 else ""))
+    return "\n".join(out)
 
 
 def exit_code(f: caps.Facts) -> Exit:
@@ -74,11 +129,14 @@ def run(args: argparse.Namespace) -> int:
     facts = caps.probe_host()
     plan = caps.plan(facts, None if args.attach == "auto" else args.attach)
     code = exit_code(facts)
+    seconds = getattr(args, "cost_seconds", COST_SECONDS)
+    cost = measure_cost(facts, plan, seconds) if code == Exit.OK and seconds > 0 else None
     if args.json:
         json.dump(
             {
                 "facts": facts.as_dict(),
                 "plan": plan.as_dict(),
+                "cost": cost,
                 "exit_code": int(code),
                 "status": code.name.lower(),
             },
@@ -88,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         )
         print()
     else:
-        print(render(facts, plan, code))
+        print(render(facts, plan, code, cost))
     return int(code)
 
 
@@ -107,7 +165,7 @@ def _trial(t: caps.Trial) -> str:
     return s
 
 
-def render(f: caps.Facts, plan: caps.Plan, code: Exit) -> str:
+def render(f: caps.Facts, plan: caps.Plan, code: Exit, cost: dict | None = None) -> str:
     out: list[str] = []
     w = out.append
     w(f"{'kernel':14}{f.kernel} ({f.machine})")
@@ -180,6 +238,10 @@ def render(f: caps.Facts, plan: caps.Plan, code: Exit) -> str:
             w(f"    {c.probe:20}{how}")
             for m in c.missed:
                 w(f"    {'':20}  not {m.method}: {m.why}")
+
+    if cost is not None:
+        w("")
+        w(render_cost(cost))
 
     if not f.root:
         w("")

@@ -95,3 +95,39 @@ def test_ksmd_benchmark_runs_and_produces_its_rows(quiet_ksm, monkeypatch):
     for r in rows:
         assert set(r) == {"name", "value", "unit", "target", "met", "note"}
     assert sysfs.read_knob("run") == 0
+
+
+def test_doctor_measures_the_programs_cost_for_real(facts, quiet_ksm):
+    """doctor's cost section is a real measured run: a merge of 4,000 pages
+    during its window shows up as exactly 4,000 runs of the merge program."""
+    import threading
+    import time
+
+    from ksmtrace import doctor
+
+    plan = caps.plan(facts, None)
+    before = set(bpftool_progs())
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(doctor.measure_cost(facts, plan, 15.0)))
+    t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.get("name", "").startswith("tracepoint__ksm")
+                      for i, p in bpftool_progs().items() if i not in before):
+            assert time.monotonic() < deadline, "doctor's programs never attached"
+            time.sleep(0.05)
+        time.sleep(0.3)  # every tracepoint attached (bcc attaches them one by one)
+        with Workload(WorkloadSpec(processes=2, pages=2000, distinct=20)) as w:
+            w.wait_merged()
+    finally:
+        t.join()
+    assert out["error"] is None and out["stats"] == "fd"
+    progs = {p["name"]: p for p in out["programs"]}
+    merge = progs["ksm:ksm_merge_with_ksm_page"]
+    assert merge["runs"] == 4000 and merge["run_time_ns"] > 0
+    assert merge["ns_per_run"] == round(merge["run_time_ns"] / 4000)
+    text = doctor.render_cost(out)
+    assert "ksm:ksm_merge_with_ksm_page" in text and "4,000" in text
+    left = [p for i, p in bpftool_progs().items()
+            if i not in before and p.get("name", "").startswith("tracepoint__ksm")]
+    assert not left  # doctor's programs are gone with its measured run
