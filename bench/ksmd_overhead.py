@@ -10,7 +10,9 @@ Modes, taking turns within each repetition (the order rotates):
 - ksmtrace stream: the same with the per-event ring buffer on, drained by
   that process;
 - bpftrace: `tracepoint:ksm:* { @[probe] = count(); }`, the minimal
-  count-only program on the same ksm tracepoints.
+  count-only program on the same ksm tracepoints;
+- ksmtrace default with the kernel's BPF stats off: what ksmtrace's
+  measuring of its own cost (two clock reads per program run) costs ksmd.
 
 One workload is filled once; each burst starts from nothing merged (run=2
 unmerges everything, synchronously), the tracer is attached and ready, then
@@ -51,7 +53,7 @@ except ImportError:  # run as a file
 
 LOCK_PATH = "/run/lock/ksmtrace-kernel-tests.lock"
 LOCK_HELD = False  # True when the caller holds the lock already (the pytest kernel tier)
-MODES = ("untraced", "default", "stream", "bpftrace")
+MODES = ("untraced", "default", "stream", "bpftrace", "nostats")
 TARGET_RATIO = 1.03
 BPFTRACE_PROG = 'BEGIN { printf("ready\\n"); } tracepoint:ksm:* { @[probe] = count(); }'
 KSM = Path("/sys/kernel/mm/ksm")
@@ -68,7 +70,8 @@ def tracer_main(mode: str, facts_path: str) -> int:
 
     facts = caps.Facts.from_dict(json.loads(Path(facts_path).read_text()))
     plan = caps.plan(facts, os.environ.get("KSMTRACE_ATTACH"))
-    with LiveSource(facts, plan, stream=(mode == "stream")) as src:
+    with LiveSource(facts, plan, stream=(mode == "stream"),
+                    bpf_stats=(mode != "nostats")) as src:
         col = Collector("live", src.probes, src.notes, src.cow_estimated)
         snap = col.add_tick(src.tick())
         print("ready", flush=True)
@@ -103,7 +106,7 @@ class Tracer:
     def __init__(self, mode: str, facts_path: str):
         self.mode = mode
         self.proc: subprocess.Popen | None = None
-        if mode in ("default", "stream"):
+        if mode in ("default", "stream", "nostats"):
             argv = [sys.executable, str(Path(__file__).resolve()), "--tracer", mode, facts_path]
         elif mode == "bpftrace":
             argv = ["bpftrace", "-B", "line", "-e", BPFTRACE_PROG]
@@ -270,14 +273,15 @@ def rows_from(results: list[dict], pages: int) -> list[dict]:
         return [m[i][key] / u[i][key] for i in range(min(reps, len(m))) if u[i][key] > 0]
 
     names = {"untraced": "untraced", "default": "ksmtrace default",
-             "stream": "ksmtrace + event stream", "bpftrace": "bpftrace count-only"}
+             "stream": "ksmtrace + event stream", "bpftrace": "bpftrace count-only",
+             "nostats": "ksmtrace default, BPF stats off"}
     out = []
     for m in by:
         xs = [r["seconds"] for r in by[m]]
         out.append(row(f"merge {pages // 1000}k pages: {names[m]}", t[m], "s", None, None,
                        f"median, {spread(xs, '{:.3f}')}; ksmd CPU median {cpu[m]:.2f} s"))
     bt = median(ratios("bpftrace", "seconds")) if "bpftrace" in by else None
-    for m in ("default", "stream", "bpftrace"):
+    for m in ("default", "stream", "bpftrace", "nostats"):
         if m not in by or "untraced" not in by:
             continue
         rs = ratios(m, "seconds")

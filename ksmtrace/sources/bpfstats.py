@@ -107,7 +107,10 @@ def read_fdinfo(fd: int, pid: str = "self") -> dict[str, int]:
 
 def program_name(bcc_name: str) -> str:
     """bcc's function name, said the way a person looks for it:
-    tracepoint__ksm__ksm_enter -> ksm:ksm_enter; others as they are."""
+    tracepoint__ksm__ksm_enter -> ksm:ksm_enter, raw_tracepoint__ksm_exit ->
+    raw:ksm_exit; others as they are."""
+    if bcc_name.startswith("raw_tracepoint__"):
+        return "raw:" + bcc_name[len("raw_tracepoint__"):]
     if bcc_name.startswith("tracepoint__"):
         cat, _, event = bcc_name[len("tracepoint__"):].partition("__")
         return f"{cat}:{event}"

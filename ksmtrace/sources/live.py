@@ -39,7 +39,8 @@ class LiveSource:
     kind = "live"
 
     def __init__(self, facts: Facts, plan: Plan, stream: bool = False,
-                 root: str | os.PathLike = "/", pids: list[int] | None = None):
+                 root: str | os.PathLike = "/", pids: list[int] | None = None,
+                 bpf_stats: bool = True):
         self.facts = facts
         self.plan = plan
         self.root = root
@@ -56,7 +57,10 @@ class LiveSource:
         self._owner_pids: set[int] = set()
         self._exited: dict[int, MmStats] = {}
         self._programs: dict[str, int] = {}  # program -> its fd (ours, bcc's)
-        self.stats = BpfStats()  # kernel BPF run-time stats, on while we run
+        # kernel BPF run-time stats, on while we run (our own cost); off only
+        # for bench/ksmd_overhead.py, which measures what they cost ksmd
+        self.stats = BpfStats()
+        self.bpf_stats = bpf_stats
         self.watch: set[int] = set()  # pids whose page map each tick carries
 
     # ------------------------------------------------------------------ setup
@@ -75,7 +79,8 @@ class LiveSource:
             raise NoBpf("no KSM path can be traced on this kernel (plan: polling only)",
                         "use `--sysfs-only`, or see `ksmtrace doctor` for why")
         # stats on before loading: tracepoint programs attach as they load
-        self.stats.open()
+        if self.bpf_stats:
+            self.stats.open()
         try:
             self._bpf = BPF(src_file=str(MAIN_SOURCE).encode(),
                             cflags=list(self.spec.cflags))
