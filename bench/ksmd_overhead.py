@@ -12,7 +12,12 @@ Modes, taking turns within each repetition (the order rotates):
 - bpftrace: `tracepoint:ksm:* { @[probe] = count(); }`, the minimal
   count-only program on the same ksm tracepoints;
 - ksmtrace default with the kernel's BPF stats off: what ksmtrace's
-  measuring of its own cost (two clock reads per program run) costs ksmd.
+  measuring of its own cost (two clock reads per program run) costs ksmd;
+- ksmtrace --sysfs-only: the same process and collector polling the
+  kernel's counters, no BPF: what the user-space side alone costs ksmd.
+
+Each tracer is started before the burst and left 1 s to settle (the same
+pause is taken untraced).
 
 One workload is filled once; each burst starts from nothing merged (run=2
 unmerges everything, synchronously), the tracer is attached and ready, then
@@ -53,7 +58,8 @@ except ImportError:  # run as a file
 
 LOCK_PATH = "/run/lock/ksmtrace-kernel-tests.lock"
 LOCK_HELD = False  # True when the caller holds the lock already (the pytest kernel tier)
-MODES = ("untraced", "default", "stream", "bpftrace", "nostats")
+MODES = ("untraced", "default", "stream", "bpftrace", "nostats", "sysfs")
+SETTLE_S = 1.0  # after a tracer is ready, before the burst: start-up transients pass
 TARGET_RATIO = 1.03
 BPFTRACE_PROG = 'BEGIN { printf("ready\\n"); } tracepoint:ksm:* { @[probe] = count(); }'
 KSM = Path("/sys/kernel/mm/ksm")
@@ -66,14 +72,17 @@ def tracer_main(mode: str, facts_path: str) -> int:
     closes; print "ready", then a JSON report at the end."""
     from ksmtrace.collector import Collector
     from ksmtrace.kernel import capabilities as caps
+    from ksmtrace.sources.counters import SysfsSource
     from ksmtrace.sources.live import LiveSource
 
     facts = caps.Facts.from_dict(json.loads(Path(facts_path).read_text()))
     plan = caps.plan(facts, os.environ.get("KSMTRACE_ATTACH"))
-    with LiveSource(facts, plan, stream=(mode == "stream"),
-                    bpf_stats=(mode != "nostats")) as src:
+    src = (SysfsSource() if mode == "sysfs" else
+           LiveSource(facts, plan, stream=(mode == "stream"), bpf_stats=(mode != "nostats")))
+    with src:
         col = Collector("live", src.probes, src.notes, src.cow_estimated)
         snap = col.add_tick(src.tick())
+        wait = getattr(src, "poll", time.sleep)  # the sysfs-only source has no stream
         print("ready", flush=True)
         events = 0
         stop = False
@@ -83,18 +92,18 @@ def tracer_main(mode: str, facts_path: str) -> int:
                 if select.select([sys.stdin], [], [], 0)[0]:
                     stop = True
                     break
-                src.poll(min(left, 0.05))
+                wait(min(left, 0.05))
             next_t += TICK_S
             tick = src.tick()
             events += len(tick.events) // 72
             snap = col.add_tick(tick)
         report = {
+            "stats": getattr(getattr(src, "stats", None), "how", None),
+            "programs": [[p.name, p.run_time_ns, p.run_count] for p in snap.programs],
             "events_received": events,
             "events_sent": snap.totals.get("events_sent", 0),
             "events_lost": snap.lost_events,
             "merges": snap.totals.get("merges", 0),
-            "stats": src.stats.how,
-            "programs": [[p.name, p.run_time_ns, p.run_count] for p in snap.programs],
         }
     print(json.dumps(report), flush=True)
     return 0
@@ -106,7 +115,7 @@ class Tracer:
     def __init__(self, mode: str, facts_path: str):
         self.mode = mode
         self.proc: subprocess.Popen | None = None
-        if mode in ("default", "stream", "nostats"):
+        if mode in ("default", "stream", "nostats", "sysfs"):
             argv = [sys.executable, str(Path(__file__).resolve()), "--tracer", mode, facts_path]
         elif mode == "bpftrace":
             argv = ["bpftrace", "-B", "line", "-e", BPFTRACE_PROG]
@@ -168,6 +177,15 @@ def _merged() -> int:
             + int((KSM / "pages_sharing").read_text()))
 
 
+def _run_ns(pid: int) -> int | None:
+    """Time on CPU in ns (/proc/<pid>/schedstat, CONFIG_SCHED_INFO): the
+    same figure as utime+stime, without its 10 ms granularity."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _wait(cond, timeout: float, what: str, step: float = 0.001) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -186,18 +204,20 @@ def burst(knobs, ksmd: int, mode: str, facts_path: str, pages: int) -> dict:
     knobs.set(run=0)
     tracer = Tracer(mode, facts_path)
     try:
+        time.sleep(SETTLE_S)
         hz = os.sysconf("SC_CLK_TCK")
-        c0, tc0 = procfs.read_cpu_ticks(ksmd), tracer.cpu_ticks()
+        c0, n0, tc0 = procfs.read_cpu_ticks(ksmd), _run_ns(ksmd), tracer.cpu_ticks()
         t0 = time.monotonic()
         knobs.set(run=1)
         _wait(lambda: _merged() >= pages, 120, f"{pages} merged pages")
         t1 = time.monotonic()
-        c1, tc1 = procfs.read_cpu_ticks(ksmd), tracer.cpu_ticks()
+        c1, n1, tc1 = procfs.read_cpu_ticks(ksmd), _run_ns(ksmd), tracer.cpu_ticks()
         knobs.set(run=0)
         report = tracer.stop()
     finally:
         tracer.kill()
     return {"mode": mode, "seconds": t1 - t0, "ksmd_cpu": ((c1 or 0) - (c0 or 0)) / hz,
+            "ksmd_run_s": (n1 - n0) / 1e9 if n0 is not None and n1 is not None else None,
             "tracer_cpu": (tc1 - tc0) / hz, **report}
 
 
@@ -222,7 +242,7 @@ def measure(quick: bool, reps: int | None = None, modes: tuple[str, ...] = MODES
     spec = (WorkloadSpec(processes=2, pages=5000, distinct=100) if quick
             else WorkloadSpec(processes=4, pages=50000, distinct=1000))
     pages = spec.processes * spec.pages
-    reps = reps or (2 if quick else 5)
+    reps = reps or (2 if quick else 9)
     with kernel_lock():
         if sysfs.read_knob("run") != 0:
             raise RuntimeError("ksmd is running: another KSM user is active")
@@ -274,14 +294,18 @@ def rows_from(results: list[dict], pages: int) -> list[dict]:
 
     names = {"untraced": "untraced", "default": "ksmtrace default",
              "stream": "ksmtrace + event stream", "bpftrace": "bpftrace count-only",
-             "nostats": "ksmtrace default, BPF stats off"}
+             "nostats": "ksmtrace default, BPF stats off",
+             "sysfs": "ksmtrace --sysfs-only (no BPF)"}
     out = []
     for m in by:
         xs = [r["seconds"] for r in by[m]]
+        tc = median([r["tracer_cpu"] for r in by[m]])
         out.append(row(f"merge {pages // 1000}k pages: {names[m]}", t[m], "s", None, None,
-                       f"median, {spread(xs, '{:.3f}')}; ksmd CPU median {cpu[m]:.2f} s"))
+                       f"median, {spread(xs, '{:.3f}')}; ksmd CPU median {cpu[m]:.2f} s"
+                       + (f"; the tracer process's own CPU {tc:.2f} s per burst"
+                          if m != "untraced" else "")))
     bt = median(ratios("bpftrace", "seconds")) if "bpftrace" in by else None
-    for m in ("default", "stream", "bpftrace", "nostats"):
+    for m in ("default", "stream", "bpftrace", "nostats", "sysfs"):
         if m not in by or "untraced" not in by:
             continue
         rs = ratios(m, "seconds")
@@ -293,8 +317,13 @@ def rows_from(results: list[dict], pages: int) -> list[dict]:
         out.append(row(f"merge time ratio to untraced: {names[m]}", v, "x", target, met,
                        f"median of per-repetition ratios, {spread(rs, '{:.3f}')}"))
         cs = ratios(m, "ksmd_cpu")
+        note = f"utime+stime of /proc/<ksmd>/stat (10 ms ticks), {spread(cs, '{:.3f}')}"
+        if all(r.get("ksmd_run_s") for r in by[m] + by["untraced"]):
+            ns = ratios(m, "ksmd_run_s")
+            note += (f"; from /proc/<ksmd>/schedstat (ns): median {median(ns):.3f}, "
+                     f"{spread(ns, '{:.3f}')}")
         out.append(row(f"ksmd CPU ratio to untraced: {names[m]}", median(cs), "x", None, None,
-                       f"utime+stime of /proc/<ksmd>/stat (10 ms ticks), {spread(cs, '{:.3f}')}"))
+                       note))
     for m in ("default", "stream"):
         if m not in by:
             continue

@@ -166,7 +166,11 @@ class LiveSource:
     def poll(self, timeout_s: float) -> None:
         ms = max(0, int(timeout_s * 1000))
         if self.spec.stream == 1:
+            # the programs wake us at most every 10 ms (bpf/ksmtrace.bpf.c):
+            # wait for a wake-up or the timeout, then take everything there,
+            # woken for or not
             self._bpf.ring_buffer_poll(ms)
+            self._bpf.ring_buffer_consume()
         elif self.spec.stream == 2:
             self._bpf.perf_buffer_poll(ms)
         else:

@@ -83,12 +83,14 @@ def test_ksmd_benchmark_runs_and_produces_its_rows(quiet_ksm, monkeypatch):
     assert sorted(r["mode"] for r in results) == sorted(ksmd_overhead.MODES)
     for r in results:
         assert r["seconds"] > 0
-        if r["mode"] != "untraced":
+        if r["mode"] not in ("untraced", "sysfs"):
             assert r["merges"] == 10000, r  # every tracer saw the whole burst
+        if r["mode"] == "stream":  # and the stream carried every merge to the reader
+            assert r["events_lost"] == 0 and r["events_received"] >= 10000, r
     rows = ksmd_overhead.rows_from(results, 10000)
     names = [r["name"] for r in rows]
     for m in ("untraced", "ksmtrace default", "ksmtrace + event stream", "bpftrace count-only",
-              "ksmtrace default, BPF stats off"):
+              "ksmtrace default, BPF stats off", "ksmtrace --sysfs-only (no BPF)"):
         assert f"merge 10k pages: {m}" in names
     assert "merge time ratio to untraced: ksmtrace default" in names
     assert "lost events during the burst: ksmtrace + event stream" in names
