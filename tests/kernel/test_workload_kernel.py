@@ -187,26 +187,17 @@ def test_cow_on_a_chain_lets_the_leftover_merge_and_restore_remerges():
         w.wait_expected(MERGE_TIMEOUT)
         assert kernel_view(w) == predicted(w)
         assert predicted(w)["merging_pages"] == (154, 154, 154)
-        # One written page stays written: the other 512 copies fill 2 KSM pages.
+        # One written page stays written: the other 512 copies are merged
+        # again. Into which KSM pages of the chain is up to ksmd's scan order
+        # (measured: 2 full ones, or 3 + 509 on 6.1 and, once, on 6.18), so
+        # only their sum and each process's own figures are exact.
         assert w.restore_contents() == 50
-        whole = refills_whole_ksm_pages()
-        w.wait_merged(MERGE_TIMEOUT, exact_global=whole)
+        w.wait_merged(MERGE_TIMEOUT, exact_global=False)
         view, want = kernel_view(w), predicted(w)
         assert want["merging_pages"] == (171, 171, 170)
-        assert (want["pages_shared"], want["pages_sharing"]) == (2, 510)
-        if not whole:
-            # 6.1 re-merges the 512 copies into 3 KSM pages of the chain
-            # (measured: 3 + 509), not 2 full ones: only their sum is exact
-            assert view.pop("pages_shared") + view.pop("pages_sharing") == 512
-            del want["pages_shared"], want["pages_sharing"]
+        assert view.pop("pages_shared") + view.pop("pages_sharing") == 512
+        del want["pages_shared"], want["pages_sharing"]
         assert view == want
-
-
-def refills_whole_ksm_pages() -> bool:
-    """Whether re-merged copies of a chained content refill whole KSM pages:
-    measured on 6.12 and 6.18, not on 6.1 (no kernel file tells)."""
-    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
-    return (major, minor) >= (6, 12)
 
 
 @pytest.mark.vm
