@@ -94,7 +94,7 @@ def test_ksmd_benchmark_runs_and_produces_its_rows(quiet_ksm, monkeypatch):
         assert f"merge 10k pages: {m}" in names
     assert "merge time ratio to untraced: ksmtrace default" in names
     assert "lost events during the burst: ksmtrace + event stream" in names
-    assert "ksmtrace BPF run time / ksmd CPU: ksmtrace default" in names
+    assert "ksmtrace BPF run time in ksmd / ksmd CPU: ksmtrace default" in names
     for r in rows:
         assert set(r) == {"name", "value", "unit", "target", "met", "note"}
     assert sysfs.read_knob("run") == 0
