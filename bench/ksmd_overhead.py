@@ -58,7 +58,7 @@ except ImportError:  # run as a file
 
 LOCK_PATH = "/run/lock/ksmtrace-kernel-tests.lock"
 LOCK_HELD = False  # True when the caller holds the lock already (the pytest kernel tier)
-MODES = ("untraced", "default", "stream", "bpftrace", "nostats", "sysfs")
+MODES = ("untraced", "default", "stream", "bpftrace", "stats", "sysfs")
 SETTLE_S = 1.0  # after a tracer is ready, before the burst: start-up transients pass
 TARGET_RATIO = 1.03
 BPFTRACE_PROG = 'BEGIN { printf("ready\\n"); } tracepoint:ksm:* { @[probe] = count(); }'
@@ -78,7 +78,7 @@ def tracer_main(mode: str, facts_path: str) -> int:
     facts = caps.Facts.from_dict(json.loads(Path(facts_path).read_text()))
     plan = caps.plan(facts, os.environ.get("KSMTRACE_ATTACH"))
     src = (SysfsSource() if mode == "sysfs" else
-           LiveSource(facts, plan, stream=(mode == "stream"), bpf_stats=(mode != "nostats")))
+           LiveSource(facts, plan, stream=(mode == "stream"), bpf_stats=(mode == "stats")))
     with src:
         col = Collector("live", src.probes, src.notes, src.cow_estimated)
         snap = col.add_tick(src.tick())
@@ -115,7 +115,7 @@ class Tracer:
     def __init__(self, mode: str, facts_path: str):
         self.mode = mode
         self.proc: subprocess.Popen | None = None
-        if mode in ("default", "stream", "nostats", "sysfs"):
+        if mode in ("default", "stream", "stats", "sysfs"):
             argv = [sys.executable, str(Path(__file__).resolve()), "--tracer", mode, facts_path]
         elif mode == "bpftrace":
             argv = ["bpftrace", "-B", "line", "-e", BPFTRACE_PROG]
@@ -294,7 +294,7 @@ def rows_from(results: list[dict], pages: int) -> list[dict]:
 
     names = {"untraced": "untraced", "default": "ksmtrace default",
              "stream": "ksmtrace + event stream", "bpftrace": "bpftrace count-only",
-             "nostats": "ksmtrace default, BPF stats off",
+             "stats": "ksmtrace default + --bpf-stats",
              "sysfs": "ksmtrace --sysfs-only (no BPF)"}
     out = []
     for m in by:
@@ -305,7 +305,7 @@ def rows_from(results: list[dict], pages: int) -> list[dict]:
                        + (f"; the tracer process's own CPU {tc:.2f} s per burst"
                           if m != "untraced" else "")))
     bt = median(ratios("bpftrace", "seconds")) if "bpftrace" in by else None
-    for m in ("default", "stream", "bpftrace", "nostats", "sysfs"):
+    for m in ("default", "stream", "bpftrace", "stats", "sysfs"):
         if m not in by or "untraced" not in by:
             continue
         rs = ratios(m, "seconds")
@@ -346,7 +346,7 @@ def rows_from(results: list[dict], pages: int) -> list[dict]:
         out.append(row("lost events during the burst: bpftrace count-only", 0, "events", None,
                        None, "no stream (map counts only); ksm_merge_with_ksm_page counted "
                        + ", ".join(str(r['merges']) for r in by["bpftrace"])))
-    for m in ("default", "stream"):
+    for m in ("stats",):  # the run-time statistics are on only in this mode
         if m not in by:
             continue
         per: dict[str, list[tuple[int, int]]] = {}

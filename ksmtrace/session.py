@@ -29,6 +29,11 @@ def add_source_options(p: argparse.ArgumentParser, stream_default: bool = False)
                    help="force one BPF backend (default: auto, or $KSMTRACE_ATTACH)")
     g.add_argument("--strict", action="store_true",
                    help="fail (exit 1) if any probe of the plan cannot be attached")
+    g.add_argument("--bpf-stats", action="store_true",
+                   default=os.environ.get("KSMTRACE_BPF_STATS") == "1",
+                   help="measure ksmtrace's own BPF cost (kernel BPF statistics, on only "
+                   "while ksmtrace runs); off by default: it costs ksmd about 5%% more CPU "
+                   "(bench/RESULTS.md). `ksmtrace doctor` always measures it")
     g.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(stream=stream_default)
 
@@ -83,7 +88,8 @@ def open_source(args: argparse.Namespace, need_bpf: bool = False, quiet: bool = 
             print(f"// {'kretprobe' if k.ret else 'kprobe'}: {k.function} -> {k.program}")
         print(probes.MAIN_SOURCE.read_text())
         raise SystemExit(0)
-    src = LiveSource(facts, plan, stream=args.stream, pids=args.pid)
+    src = LiveSource(facts, plan, stream=args.stream, pids=args.pid,
+                     bpf_stats=getattr(args, "bpf_stats", False))
     return src
 
 

@@ -311,6 +311,9 @@ class DetailsScreen(SnapshotScreen):
                 avg = p.run_time_ns / p.run_count if p.run_count else 0
                 t.append(f"\n  {p.name:32} {fmt.duration(p.run_time_ns):>9} in "
                          f"{p.run_count:>10} runs, {fmt.duration(avg)} each")
+        elif snap.source == "live":
+            t.append("\n  not measured: start with --bpf-stats (the kernel's BPF statistics "
+                     "cost ksmd about 5% more CPU while on), or see `ksmtrace doctor`")
         else:
             t.append("\n  not available from this source")
         self.query_one("#details", Static).update(t)

@@ -90,11 +90,11 @@ def test_ksmd_benchmark_runs_and_produces_its_rows(quiet_ksm, monkeypatch):
     rows = ksmd_overhead.rows_from(results, 10000)
     names = [r["name"] for r in rows]
     for m in ("untraced", "ksmtrace default", "ksmtrace + event stream", "bpftrace count-only",
-              "ksmtrace default, BPF stats off", "ksmtrace --sysfs-only (no BPF)"):
+              "ksmtrace default + --bpf-stats", "ksmtrace --sysfs-only (no BPF)"):
         assert f"merge 10k pages: {m}" in names
     assert "merge time ratio to untraced: ksmtrace default" in names
     assert "lost events during the burst: ksmtrace + event stream" in names
-    assert "ksmtrace BPF run time in ksmd / ksmd CPU: ksmtrace default" in names
+    assert "ksmtrace BPF run time in ksmd / ksmd CPU: ksmtrace default + --bpf-stats" in names
     for r in rows:
         assert set(r) == {"name", "value", "unit", "target", "met", "note"}
     assert sysfs.read_knob("run") == 0
