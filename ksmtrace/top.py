@@ -10,7 +10,11 @@ import signal
 import sys
 
 from ksmtrace import session
-from ksmtrace.errors import KsmtraceError, not_root
+from ksmtrace.errors import Exit, KsmtraceError, not_root
+
+
+class UsageError(KsmtraceError):
+    exit_code = Exit.USAGE
 
 EPILOG = """\
 examples:
@@ -52,15 +56,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     if args.interval <= 0:
-        raise KsmtraceError(f"--interval must be > 0, not {args.interval}",
+        raise UsageError(f"--interval must be > 0, not {args.interval}",
                             "for example --interval 0.5")
     if args.speed <= 0:
-        raise KsmtraceError(f"--speed must be > 0, not {args.speed}", "for example --speed 4")
+        raise UsageError(f"--speed must be > 0, not {args.speed}", "for example --speed 4")
     if args.replay and args.demo:
-        raise KsmtraceError("--replay and --demo do not go together",
+        raise UsageError("--replay and --demo do not go together",
                             "replay a recording, or watch the demo live")
     if not sys.stdout.isatty() or not sys.stdin.isatty():
-        raise KsmtraceError("ksmtrace top needs a terminal",
+        raise UsageError("ksmtrace top needs a terminal",
                             "run it in a terminal; for scripts use `ksmtrace stat` "
                             "or `ksmtrace record`")
 

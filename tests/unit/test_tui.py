@@ -339,3 +339,20 @@ async def test_histograms_screen_shows_the_recorded_scan_rounds():
 
 def test_snapshot_knobs(snap_compare):
     assert snap_compare(app_on(), terminal_size=SIZE, press=["k"])
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--interval", "0"], "--interval must be > 0"),
+    (["--speed", "-1"], "--speed must be > 0"),
+    (["--replay", "x.rec", "--demo"], "do not go together"),
+    ([], "needs a terminal"),  # stdin/stdout are not a terminal here
+])
+def test_top_usage_errors_exit_2_without_a_traceback(argv, words):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "ksmtrace", "top", *argv], stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert words in p.stderr and "how to fix" in p.stderr
+    assert "Traceback" not in p.stderr
