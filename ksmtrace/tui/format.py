@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ksmtrace.diagnose import ksmd_cores
-from ksmtrace.model import PAGE_SIZE, ProcessRow, Snapshot
+from ksmtrace.model import ProcessRow, Snapshot
 
 DASH = "-"
 
@@ -197,13 +197,12 @@ class Column:
     key: str
     label: str
     width: int
-    numeric: bool = True
 
 
 COLUMNS = (
     Column("pid", "PID", 7),
-    Column("comm", "COMM", 11, numeric=False),
-    Column("cgroup", "CGROUP", 8, numeric=False),
+    Column("comm", "COMM", 11),
+    Column("cgroup", "CGROUP", 8),
     Column("mergeable", "MERGEABLE", 9),
     Column("merging", "MERGING", 7),
     Column("merges", "MERGES/s", 8),
@@ -262,11 +261,3 @@ def select_rows(rows: tuple[ProcessRow, ...], sort: str = "merging", reverse: bo
                      or text in p.cgroup.lower())
     return sorted(rows, key=lambda p: (row_sort_value(p, sort), -p.pid if reverse else p.pid),
                   reverse=reverse)
-
-
-def saved_pages_of(p: ProcessRow) -> int:
-    return (p.merging_pages or 0) + (p.zero_pages or 0)
-
-
-def page_bytes(pages: int) -> int:
-    return pages * PAGE_SIZE

@@ -149,7 +149,6 @@ CELL = {
     PageState.PRESENT: ("·", Style(color="yellow")),
     PageState.ABSENT: (" ", Style(bgcolor="grey11")),
 }
-SHARER_STYLE = Style(color="black", bgcolor="green", bold=True)
 
 
 def ksm_glyph(mappers: int | None) -> str:
@@ -192,12 +191,6 @@ class PageGrid(ScrollView):
         self._rows = rows
         self.counts = counts
         self.virtual_size = Size(14 + per_row, len(rows))
-        self.refresh()
-
-    def clear(self) -> None:
-        self._rows = []
-        self.counts = {}
-        self.virtual_size = Size(0, 0)
         self.refresh()
 
     def rendered_cells(self) -> str:

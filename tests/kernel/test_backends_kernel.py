@@ -28,23 +28,11 @@ from ksmtrace.kernel import capabilities as caps
 from ksmtrace.kernel import procfs, sysfs
 from ksmtrace.model import MmStats
 from ksmtrace.sources.live import LiveSource
-from ksmtrace.workload import Workload, WorkloadSpec, other_ksm_users
+from ksmtrace.workload import Workload, WorkloadSpec
 
 pytestmark = [pytest.mark.kernel, pytest.mark.vm, pytest.mark.traced, pytest.mark.fn_probes]
 
 FN_METHODS = ("fentry", "kprobe")
-
-
-@pytest.fixture(scope="module")
-def facts() -> caps.Facts:
-    return caps.probe_host()
-
-
-@pytest.fixture
-def quiet_ksm():
-    assert sysfs.read_knob("run") == 0, "ksmd is running: another KSM user is active"
-    others = other_ksm_users()
-    assert not others, f"other processes use KSM: {', '.join(map(str, others))}"
 
 
 def fn_source(facts: caps.Facts, *probes: str) -> LiveSource:

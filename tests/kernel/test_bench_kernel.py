@@ -15,21 +15,10 @@ from ksmtrace.collector import Collector
 from ksmtrace.kernel import capabilities as caps
 from ksmtrace.kernel import sysfs
 from ksmtrace.sources.live import LiveSource
-from ksmtrace.workload import Workload, WorkloadSpec, other_ksm_users
+from ksmtrace.workload import Workload, WorkloadSpec
 
 pytestmark = pytest.mark.kernel
 BENCH = Path(__file__).resolve().parent.parent.parent / "bench"
-
-
-@pytest.fixture(scope="module")
-def facts() -> caps.Facts:
-    return caps.probe_host()
-
-
-@pytest.fixture
-def quiet_ksm():
-    assert sysfs.read_knob("run") == 0, "ksmd is running: another KSM user is active"
-    assert not other_ksm_users(), "other processes use KSM"
 
 
 def bpftool_progs() -> dict[int, dict]:

@@ -32,7 +32,7 @@ import pytest
 
 from ksmtrace.export.metrics import SYSFS_METRICS
 from ksmtrace.kernel import procfs, sysfs
-from ksmtrace.workload import Workload, WorkloadSpec, other_ksm_users
+from ksmtrace.workload import Workload, WorkloadSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "dashboards" / "ksmtrace.json"
@@ -188,12 +188,6 @@ def wait_for(what: str, cond, timeout: float = 120, every: float = 0.2):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def count_programs() -> int:
-    out = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True,
-                         check=True).stdout
-    return out.count("\n")
-
-
 @contextlib.contextmanager
 def exporter(*args: str, argv_prefix=None, env=None, cwd=None, listen: str | None = None):
     """`ksmtrace export` as a child process; yields (port, process). Ended
@@ -282,13 +276,6 @@ def prometheus(tmp: Path, target: str):
         log.close()
 
 
-@pytest.fixture
-def quiet_ksm():
-    assert sysfs.read_knob("run") == 0, "ksmd is running: another KSM user is active"
-    others = other_ksm_users()
-    assert not others, f"other processes use KSM: {', '.join(map(str, others))}"
-
-
 def scraped_after(prom: Prometheus, t: float) -> None:
     """Wait until Prometheus holds a sample of a snapshot polled after `t`."""
     wait_for(f"a scraped snapshot newer than {t:.3f}", lambda: (
@@ -344,7 +331,8 @@ def conditions(prom: Prometheus) -> dict[str, set[float]]:
 # ---------------------------------------------------------------- the tests
 
 @pytest.mark.kernel
-def test_real_prometheus_scrapes_the_exporter_during_a_workload(quiet_ksm, tmp_path):
+def test_real_prometheus_scrapes_the_exporter_during_a_workload(quiet_ksm, tmp_path,
+                                                             count_programs):
     programs_before = count_programs()
     with exporter("--interval", "0.5", "--top", "2", "--bpf-stats") as (port, proc):
         base = sysfs.read_sysfs()  # ksmd stopped: stable since the exporter attached

@@ -16,7 +16,7 @@ import pytest
 
 from ksmtrace.kernel import procfs, sysfs
 from ksmtrace.kernel.sysfs import KNOBS, KsmKnobs
-from ksmtrace.workload import Workload, WorkloadSpec, other_ksm_users
+from ksmtrace.workload import Workload, WorkloadSpec
 
 pytestmark = pytest.mark.kernel
 
@@ -24,22 +24,9 @@ REPO = Path(__file__).resolve().parent.parent.parent
 STAGES = ("Searching", "Merging", "Counting", "Updating")
 
 
-@pytest.fixture
-def quiet_ksm():
-    assert sysfs.read_knob("run") == 0, "ksmd is running: another KSM user is active"
-    others = other_ksm_users()
-    assert not others, f"other processes use KSM: {', '.join(map(str, others))}"
-
-
 def knob_values() -> dict:
     k = sysfs.read_sysfs()
     return {name: getattr(k, name) for name in KNOBS}
-
-
-def count_programs() -> int:
-    out = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True,
-                         check=True).stdout
-    return out.count("\n")
 
 
 def workload_children() -> list[str]:
@@ -71,7 +58,8 @@ def figure(panel: str, label: str) -> str | None:
 
 
 @pytest.mark.parametrize("quit_key", ["q", "C-c"])
-def test_top_demo_in_tmux_agrees_with_sysfs_and_leaves_nothing_behind(quiet_ksm, quit_key):
+def test_top_demo_in_tmux_agrees_with_sysfs_and_leaves_nothing_behind(quiet_ksm, quit_key,
+                                                                     count_programs):
     assert shutil.which("tmux"), "tmux is installed by scripts/setup.sh"
     before_knobs = knob_values()
     before_progs = count_programs()

@@ -22,22 +22,9 @@ from ksmtrace.kernel import capabilities as caps
 from ksmtrace.kernel import procfs, sysfs
 from ksmtrace.model import EVENT_SIZE, EventKind, iter_events
 from ksmtrace.sources.live import LiveSource
-from ksmtrace.workload import Workload, WorkloadSpec, other_ksm_users
+from ksmtrace.workload import Workload, WorkloadSpec
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture(scope="module")
-def facts() -> caps.Facts:
-    return caps.probe_host()
-
-
-@pytest.fixture
-def quiet_ksm():
-    """Exact deltas need ksmd stopped and no other process mergeable."""
-    assert sysfs.read_knob("run") == 0, "ksmd is running: another KSM user is active"
-    others = other_ksm_users()
-    assert not others, f"other processes use KSM: {', '.join(map(str, others))}"
 
 
 def traced(facts, stream=False, force=None):
@@ -185,14 +172,8 @@ def ksmd_paused():
         yield
 
 
-def count_programs() -> int:
-    out = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True,
-                         check=True).stdout
-    return out.count("\n")
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
-def test_no_program_left_loaded_after_signal(sig):
+def test_no_program_left_loaded_after_signal(sig, count_programs):
     before = count_programs()
     p = subprocess.Popen([sys.executable, "-m", "ksmtrace", "stat", "0.2"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,0 +1,37 @@
+"""Fixtures every kernel-tier test file shares."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from ksmtrace.kernel import capabilities as caps
+from ksmtrace.kernel import sysfs
+from ksmtrace.workload import other_ksm_users
+
+
+@pytest.fixture(scope="module")
+def facts() -> caps.Facts:
+    return caps.probe_host()
+
+
+@pytest.fixture
+def quiet_ksm():
+    """Exact deltas need ksmd stopped and no other process mergeable."""
+    assert sysfs.read_knob("run") == 0, "ksmd is running: another KSM user is active"
+    others = other_ksm_users()
+    assert not others, f"other processes use KSM: {', '.join(map(str, others))}"
+
+
+def _count_programs() -> int:
+    out = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True,
+                         check=True).stdout
+    return out.count("\n")
+
+
+@pytest.fixture
+def count_programs():
+    """`count_programs()`: lines of `bpftool prog show`, to see that every
+    program ksmtrace loaded is gone again."""
+    return _count_programs
