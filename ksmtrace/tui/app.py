@@ -107,7 +107,11 @@ class MainScreen(Screen):
     def _subtitle(self, snap: Snapshot) -> str:
         n = sum(p.alive for p in snap.processes)
         gone = len(snap.processes) - n
-        return (f"{snap.source} · {n} process{'es' if n != 1 else ''}"
+        # the moment the shown figures were read (the recording's time in a
+        # replay); left out when the clock is off, so that snapshot tests
+        # do not depend on the time zone
+        at = f" @ {fmt.sample_time(snap.wall)}" if self.app.clock else ""
+        return (f"{snap.source}{at} · {n} process{'es' if n != 1 else ''}"
                 + (f" (+{gone} exited, dimmed)" if gone else "")
                 + f" · sort {self.sort_key}"
                 f"{' ↓' if self.reverse else ' ↑'}"

@@ -5,6 +5,7 @@ tested on recorded snapshots and shared with the benchmarks.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from ksmtrace.diagnose import ksmd_cores
@@ -39,6 +40,13 @@ def size(nbytes: int | None) -> str:
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1024
     return str(nbytes)
+
+
+def sample_time(wall: float) -> str:
+    """A sample's local wall-clock time to a tenth of a second (truncated:
+    the figures were read within the tenth shown), e.g. '10:37:04.8'."""
+    whole = int(wall)
+    return time.strftime("%H:%M:%S", time.localtime(whole)) + f".{int((wall - whole) * 10)}"
 
 
 def duration(ns: float | None) -> str:
