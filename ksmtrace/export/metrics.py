@@ -370,17 +370,23 @@ def _processes(snap: Snapshot, top: int) -> Iterable[Metric]:
                                   labels=["cgroup"])
     cg_procs = GaugeMetricFamily(_name("cgroup_processes"), "KSM processes in the cgroup",
                                  labels=["cgroup"])
+    def add_profit(labels: list[str], rs: list[ProcessRow]) -> None:
+        # no ksm_process_profit on this kernel (< 6.4): no series, not a false 0
+        profits = [r.profit_bytes for r in rs if r.profit_bytes is not None]
+        if profits:
+            cg_profit.add_metric(labels, sum(profits))
+
     other: list[ProcessRow] = []
     for i, (merging, cg, rs) in enumerate(agg):
         if i >= top:
             other.extend(rs)
             continue
         cg_merging.add_metric([cg], merging)
-        cg_profit.add_metric([cg], sum(r.profit_bytes or 0 for r in rs))
+        add_profit([cg], rs)
         cg_procs.add_metric([cg], len(rs))
     if other:
         cg_merging.add_metric([OTHER], sum(r.merging_pages or 0 for r in other))
-        cg_profit.add_metric([OTHER], sum(r.profit_bytes or 0 for r in other))
+        add_profit([OTHER], other)
         cg_procs.add_metric([OTHER], len(other))
     yield cg_merging
     yield cg_profit

@@ -108,6 +108,19 @@ def test_negative_profit_is_emitted_negative(snaps):
     assert value(reg, "ksmtrace_cgroup_profit_bytes", cgroup="/") == -64 * (1 + 2 + 3)
 
 
+def test_no_process_profit_on_the_kernel_no_cgroup_profit_series(snaps):
+    # 6.1's ksm_stat has no ksm_process_profit: the cgroup sum must not be a false 0
+    s = snaps[5]
+    rows = tuple(dataclasses.replace(r, profit_bytes=None) for r in s.processes)
+    assert rows and all(r.merging_pages for r in rows)
+    reg = registry_for(dataclasses.replace(s, processes=rows), top=1)
+    text = scrape(reg).decode()
+    assert "ksmtrace_process_profit_bytes{" not in text
+    assert "ksmtrace_cgroup_profit_bytes{" not in text
+    assert value(reg, "ksmtrace_cgroup_merging_pages", cgroup="/") == \
+        sum(r.merging_pages for r in rows)
+
+
 def test_event_counters_equal_the_traced_totals(snaps):
     s = snaps[-1]
     reg = registry_for(s)
