@@ -88,6 +88,16 @@ struct mm_stats {
 	u64 rmap_removed;
 };
 
+/* ksmd's successful merges since it last changed mm, not yet added to
+ * mm_stats (MERGE_SLOT, bpf/ksmtrace.bpf.c). `seq` is odd while a flush
+ * moves them into mm_stats: user space reads slot, mm_stats, slot, and
+ * retries when `seq` moved or was odd. */
+struct merge_slot {
+	u64 seq;
+	u64 mm;
+	u64 merges[3];
+};
+
 struct owner { u32 pid; char comm[16]; };
 
 #endif

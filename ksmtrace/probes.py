@@ -52,6 +52,13 @@ class Build:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
+    def merge_slot(self) -> bool:
+        """Whether ksmd's merges gather in `merge_slot` before mm_stats (the
+        C side's MERGE_SLOT condition: a merge probe, and scan-round ends)."""
+        parts = self.parts
+        return "SCAN_TP" in parts and ("MERGE_TP" in parts or "MERGE_FN" in parts)
+
+    @property
     def parts(self) -> tuple[str, ...]:
         """The program parts switched on (SCAN_TP, MERGE_FN, ...)."""
         return tuple(f[2:].split("=")[0] for f in self.cflags

@@ -7,6 +7,7 @@ attached is detached on exit, exceptions and signals included.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import mmap
 import os
 import threading
@@ -197,9 +198,7 @@ class LiveSource:
             hist[HISTOGRAMS[k.which]][int(k.slot)] = int(v.value)
         errors = {f"{MERGE_KIND_NAMES[k.kind]}:{k.err}": int(v.value)
                   for k, v in b[b"errors"].items()}
-        mms = {int(k.value): MmStats(tuple(v.merges), int(v.merge_failures), tuple(v.cow),
-                                     int(v.wp_faults), int(v.unshares), int(v.rmap_removed))
-               for k, v in b[b"mm_stats"].items()}
+        mms = self._read_mm_stats()
         exited, self._exited = self._exited, {}
         return BpfTotals(counters, hist, errors, mms, exited, owners, self._perf_lost, comms,
                          self.program_costs())
@@ -215,18 +214,68 @@ class LiveSource:
         return {name: read_fdinfo(fd).get("prog_id", 0)
                 for name, fd in sorted(self._programs.items())}
 
+    # -------------------------------------------------- per-mm figures
+    def _read_slot(self) -> tuple[int, int, tuple[int, int, int]]:
+        """ksmd's merge slot (bpf/ksmtrace.h struct merge_slot), once it is
+        not in the middle of a flush: (seq, mm, merges by kind)."""
+        table = self._bpf[b"merge_slot"]
+        for _ in range(100_000):  # a flush is a few hundred ns of ksmd
+            v = table[ctypes.c_int(0)]
+            if not v.seq % 2:
+                return int(v.seq), int(v.mm), tuple(int(x) for x in v.merges)
+        raise KsmtraceError("ksmd's merge slot stayed mid-flush; report this as a bug")
+
+    def _read_mm_stats(self) -> dict[int, MmStats]:
+        """Every mm's figures: mm_stats, plus the merges ksmd has not yet
+        moved into it from its slot (bpf/ksmtrace.bpf.c MERGE_SLOT).
+
+        Read so that no figure counts a merge twice or goes down between
+        ticks: the slot, the whole table, the slot again. If a flush happened
+        meanwhile, the first one moved the first read's mm, which the last
+        tick may have counted from the slot; that entry and those of the mms
+        the slot held since are then read again between two equal slot
+        reads. (An mm that entered the slot after the first read and left it
+        during the table read can miss those merges until the next tick, but
+        never goes down.)"""
+        table = self._bpf[b"mm_stats"]
+        if not self.spec.merge_slot:
+            return {int(k.value): _mm_stats(v) for k, v in table.items()}
+        seq, first_mm, _ = self._read_slot()
+        mms = {int(k.value): _mm_stats(v) for k, v in table.items()}
+        seq2, mm, pending = self._read_slot()
+        recheck = {first_mm}
+        while seq2 != seq:
+            recheck.add(mm)
+            seq = seq2
+            again = {m: table.get(table.Key(m)) for m in recheck if m}
+            seq2, mm, pending = self._read_slot()
+            if seq2 == seq:
+                for m, v in again.items():
+                    if v is None:
+                        mms.pop(m, None)
+                    else:
+                        mms[m] = _mm_stats(v)
+        if mm and any(pending):
+            s = mms.get(mm, MmStats())
+            mms[mm] = dataclasses.replace(s, merges=tuple(
+                a + b for a, b in zip(s.merges, pending, strict=True)))
+        return mms
+
+    def _slot_mm(self) -> int:
+        return self._read_slot()[1] if self.spec.merge_slot else 0
+
     def _drain_exited(self, owners: dict[int, int]) -> None:
         """mms whose owner has exited: read their final figures, then delete
-        them (no update can follow once the process is gone)."""
+        them (no update can follow once the process is gone, and once ksmd's
+        merge slot no longer holds the mm: it is flushed at the latest at the
+        end of the scan round)."""
         mm_table, owner_table = self._bpf[b"mm_stats"], self._bpf[b"owners"]
+        held = self._slot_mm()
         for mm, pid in owners.items():
-            if pid and not os.path.exists(f"/proc/{pid}"):
+            if pid and mm != held and not os.path.exists(f"/proc/{pid}"):
                 key = mm_table.Key(mm)
                 try:
-                    v = mm_table[key]
-                    self._exited[mm] = MmStats(tuple(v.merges), int(v.merge_failures),
-                                               tuple(v.cow), int(v.wp_faults),
-                                               int(v.unshares), int(v.rmap_removed))
+                    self._exited[mm] = _mm_stats(mm_table[key])
                     del mm_table[key]
                 except KeyError:
                     pass
@@ -288,3 +337,9 @@ class LiveSource:
         """A tick at start, then one every `interval` seconds (count 0: forever);
         between ticks the event stream is drained as it arrives."""
         return counters.paced(self.tick, self.poll, interval, count)
+
+
+def _mm_stats(v) -> MmStats:
+    """A struct mm_stats value as read from the map."""
+    return MmStats(tuple(v.merges), int(v.merge_failures), tuple(v.cow), int(v.wp_faults),
+                   int(v.unshares), int(v.rmap_removed))

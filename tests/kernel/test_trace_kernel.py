@@ -83,6 +83,63 @@ def test_merges_scan_rounds_and_cow_equal_kernel_counters(facts, quiet_ksm):
 
 @pytest.mark.vm
 @pytest.mark.traced
+def test_per_process_merges_stay_exact_across_exits_and_new_processes(facts, quiet_ksm):
+    """ksmd's merges gather in a slot before they reach the per-mm table
+    (MERGE_SLOT in bpf/ksmtrace.bpf.c, where the kernel has the scan-round
+    tracepoints). Each process's merges must still equal its
+    ksm_merging_pages while they sit in the slot, an exited process must
+    keep its figure, and a later process (often given the freed mm_struct's
+    address) must not inherit it."""
+    src, _ = traced(facts)
+    with src:
+        col = Collector("live", src.probes, src.notes, src.cow_estimated)
+        col.add_tick(src.tick())
+        expected: dict[int, int] = {}
+        mms = []
+        for pages, distinct in ((1500, 15), (700, 7), (300, 3)):
+            # the duplicates come first in the area, 20,000 unique pages after
+            # them: ksmd, slowed down, is stopped after the last merge and
+            # long before the round ends (where the slot is emptied)
+            spec = WorkloadSpec(processes=1, pages=pages, distinct=distinct, unique_pages=20000)
+            with Workload(spec, drive_ksmd=False) as w:
+                pid = w.pids[0]
+                with sysfs.KsmKnobs() as k:
+                    k.set(pages_to_scan=200, sleep_millisecs=10, run=1)
+                    for _ in range(60_000):  # a hang guard, not a time limit
+                        if procfs.read_ksm_stat(pid).ksm_merging_pages == pages:
+                            break
+                        time.sleep(0.002)
+                    k.set(run=0)
+                    rounds = sysfs.read_sysfs().full_scans
+                    if src.spec.merge_slot:  # the merges are still in the slot
+                        slot_seq, slot_mm, slot_merges = src._read_slot()
+                        assert slot_mm and sum(slot_merges) > 0, (slot_mm, slot_merges)
+                    s = col.add_tick(src.tick())
+                expected[pid] = procfs.read_ksm_stat(pid).ksm_merging_pages
+                assert expected[pid] == pages
+                rows = {r.pid: r for r in s.processes}
+                assert rows[pid].merges == pages, rows[pid]
+                mms += [mm for mm, p in src.read_owners()[0].items() if p == pid]
+            # the process has gone; ksmd runs on until it has let go of its mm:
+            # it frees it where it stopped, and the round ends there (a later
+            # mm_struct may then take the address)
+            with sysfs.KsmKnobs() as k:
+                k.set(pages_to_scan=100000, sleep_millisecs=0, run=1)
+                for _ in range(60_000):
+                    if sysfs.read_sysfs().full_scans > rounds:
+                        break
+                    time.sleep(0.002)
+            s = col.add_tick(src.tick())
+            rows = {r.pid: r for r in s.processes}
+            for p, n in expected.items():  # every process so far, all exited
+                assert rows[p].merges == n and not rows[p].alive, (p, rows[p])
+        assert s.totals["merges"] == sum(expected.values()) == 2500
+        assert sum(r.merges for r in s.processes) == 2500
+        print(f"mm addresses: {[hex(m) for m in mms]}")
+
+
+@pytest.mark.vm
+@pytest.mark.traced
 @pytest.mark.ksm_zero_pages
 def test_zero_page_merges_equal_ksm_zero_pages(facts, quiet_ksm):
     src, _ = traced(facts)
