@@ -304,9 +304,9 @@ class LiveSource:
             self._bpf.detach_tracepoint(tp=RESOLVER_TP)
         # a pid counts as done once the map has its owner, or after a few
         # tries (it exited, or its lock was never taken through the traced
-        # path). Until resolved, its mm has no mm_stats entry, so its COW
-        # breaks are not counted per process: giving up after one miss lost
-        # every break of a process (seen once in the 6.12 guest, kprobe pass)
+        # path). Until then its figures go to no process, and on
+        # tracepoint-only kernels its write faults (the COW estimate's basis)
+        # are not counted at all: one miss used to be final
         found = {int(o.pid) for o in self._bpf[b"owners"].values()}
         tries = {}
         for pid in todo:
