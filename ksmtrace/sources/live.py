@@ -10,13 +10,14 @@ import ctypes
 import dataclasses
 import mmap
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
 
-from ksmtrace.errors import KsmtraceError, NoBpf, NoHeaders, not_root
+from ksmtrace.errors import Busy, KsmtraceError, NoBpf, NoHeaders, not_root
 from ksmtrace.kernel import headers as headers_mod
-from ksmtrace.kernel import tracefs
+from ksmtrace.kernel import sysfs, tracefs
 from ksmtrace.kernel.capabilities import Facts, Plan
 from ksmtrace.model import (
     BPF_COUNTERS,
@@ -81,6 +82,7 @@ class LiveSource:
         if not self.spec.parts:
             raise NoBpf("no KSM path can be traced on this kernel (plan: polling only)",
                         "use `--sysfs-only`, or see `ksmtrace doctor` for why")
+        self._refuse_fentry_while_ksmd_spins()
         # stats on before loading: tracepoint programs attach as they load
         if self.bpf_stats:
             self.stats.open()
@@ -113,6 +115,28 @@ class LiveSource:
             self.close()
             raise
         return self
+
+    def _fentry(self) -> bool:
+        """Whether the plan attaches fentry/fexit programs (`-D<PART>=1`)."""
+        return any(f.startswith("-D") and f.endswith("_FN=1") for f in self.spec.cflags)
+
+    def _ksmd_spins(self) -> bool:
+        """ksmd running with sleep_millisecs=0: it never sleeps voluntarily."""
+        return (sysfs.read_knob("run", self.root) == 1
+                and sysfs.read_knob("sleep_millisecs", self.root) == 0)
+
+    def _refuse_fentry_while_ksmd_spins(self) -> None:
+        """Attaching (and detaching) fentry/fexit programs waits for an RCU
+        Tasks grace period: every task must sleep or enter user space once.
+        ksmd at sleep_millisecs=0 does neither, so bcc would hang in the
+        attach (seen in the 6.12 guest: "rcu_tasks detected stalls" on ksmd).
+        Say so at once instead."""
+        if self._fentry() and self._ksmd_spins():
+            raise Busy("ksmd runs with sleep_millisecs=0, so it never sleeps, and attaching "
+                       "fentry programs waits until every task has slept once: it would hang",
+                       "set sleep_millisecs to 1 or more while ksmtrace starts and stops "
+                       "(echo 1 > /sys/kernel/mm/ksm/sleep_millisecs), or use "
+                       "`--attach kprobe`")
 
     def _attach_kprobes(self) -> None:
         statuses = {p.probe: p for p in self.probes}
@@ -149,6 +173,12 @@ class LiveSource:
     def close(self) -> None:
         try:
             if self._bpf is not None:
+                if self._fentry() and self._ksmd_spins():
+                    # detaching waits like attaching does: say why, if it hangs
+                    print("ksmtrace: detaching fentry programs waits until ksmd sleeps once; "
+                          "it runs with sleep_millisecs=0 and may not: if this does not "
+                          "return, echo 1 > /sys/kernel/mm/ksm/sleep_millisecs",
+                          file=sys.stderr, flush=True)
                 self._bpf.cleanup()
                 self._bpf = None
                 self._programs = {}

@@ -18,6 +18,7 @@ import time
 import pytest
 
 from ksmtrace.collector import Collector
+from ksmtrace.errors import Busy
 from ksmtrace.kernel import capabilities as caps
 from ksmtrace.kernel import procfs, sysfs
 from ksmtrace.model import EVENT_SIZE, EventKind, iter_events
@@ -136,6 +137,30 @@ def test_per_process_merges_stay_exact_across_exits_and_new_processes(facts, qui
         assert s.totals["merges"] == sum(expected.values()) == 2500
         assert sum(r.merges for r in s.processes) == 2500
         print(f"mm addresses: {[hex(m) for m in mms]}")
+
+
+@pytest.mark.vm
+@pytest.mark.traced
+def test_fentry_is_refused_while_ksmd_never_sleeps(facts, quiet_ksm, count_programs):
+    """Attaching fentry programs waits for every task to sleep once; ksmd at
+    sleep_millisecs=0 never does (the 6.12 guest hung there). A plan with
+    fentry is refused with exit 11 and a fix, before anything is loaded;
+    kprobes and tracepoints attach as usual."""
+    src, plan = traced(facts)
+    before = count_programs()
+    with sysfs.KsmKnobs() as k:
+        k.set(sleep_millisecs=0, run=1)  # nothing registered: ksmd idles meanwhile
+        fentry = [c.probe for c in plan.choices if c.method == "fentry"]
+        if fentry:
+            with pytest.raises(Busy) as e:
+                src.__enter__()
+            assert e.value.exit_code == 11
+            assert "sleep_millisecs" in e.value.message and "--attach kprobe" in e.value.hint
+            assert count_programs() == before
+        else:
+            with src:
+                assert count_programs() > before
+    assert count_programs() == before
 
 
 @pytest.mark.vm
