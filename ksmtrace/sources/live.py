@@ -141,7 +141,9 @@ class LiveSource:
     def _attach_kprobes(self) -> None:
         statuses = {p.probe: p for p in self.probes}
         failed: dict[str, str] = {}
-        for k in self.spec.kprobes:
+        # return probes first: an entry whose return probe is not attached
+        # yet would leave a slot no exit clears (bpf/ksmtrace.bpf.c cow_forget)
+        for k in sorted(self.spec.kprobes, key=lambda k: not k.ret):
             try:
                 if k.ret:
                     self._bpf.attach_kretprobe(event=k.function, fn_name=k.program,
