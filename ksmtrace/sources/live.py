@@ -145,11 +145,12 @@ class LiveSource:
         # yet would leave a slot no exit clears (bpf/ksmtrace.bpf.c cow_forget)
         for k in sorted(self.spec.kprobes, key=lambda k: not k.ret):
             try:
+                # bytes: bcc warns (DeprecationWarning) for every str it is given
+                event, fn = k.function.encode(), k.program.encode()
                 if k.ret:
-                    self._bpf.attach_kretprobe(event=k.function, fn_name=k.program,
-                                               maxactive=64)
+                    self._bpf.attach_kretprobe(event=event, fn_name=fn, maxactive=64)
                 else:
-                    self._bpf.attach_kprobe(event=k.function, fn_name=k.program)
+                    self._bpf.attach_kprobe(event=event, fn_name=fn)
             except Exception as e:
                 for p in statuses.values():
                     if k.function in p.targets and p.method == "kprobe":

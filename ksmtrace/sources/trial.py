@@ -45,8 +45,8 @@ def _kprobe(fn: str) -> str:
 
     b = BPF(text="int probe(void *ctx) { return 0; }")
     try:
-        b.attach_kprobe(event=fn, fn_name="probe")
-        b.attach_kretprobe(event=fn, fn_name="probe")
+        b.attach_kprobe(event=fn.encode(), fn_name=b"probe")
+        b.attach_kretprobe(event=fn.encode(), fn_name=b"probe")
     finally:
         b.cleanup()
     return f"kprobe+kretprobe attached to {fn}"
