@@ -549,9 +549,23 @@ TRACEPOINT_PROBE(exceptions, page_fault_user)
 struct cow_call { u64 ts; u64 mm; u64 pfn; u64 vmf; u16 sub; u8 ksm; };
 BPF_HASH(cow_calls, u32, struct cow_call, 4096);
 
+/* struct page: flags, then a union whose first word is compound_head (bit 0
+ * set on a tail page of a large folio: the rest is the head's address) and
+ * which overlaps lru, a list_head that `mapping` follows. */
+#define OFF_PAGE_COMPOUND_HEAD (OFF_PAGE_MAPPING - 16)
+
+/* folio_test_ksm() of the page's folio. A tail page's own `mapping` word is
+ * not a mapping: in a large folio's second page it holds folio fields
+ * (_nr_pages_mapped, _pincount), whose low bits looked like
+ * PAGE_MAPPING_KSM now and then, so a write fault on a PTE-mapped large folio
+ * counted as a KSM break the kernel did not count (one too many in the 6.12
+ * guest, seen with fentry and kprobe alike). Read the head's. */
 static __always_inline u8 page_is_ksm(u64 page)
 {
-	u64 mapping = 0;
+	u64 mapping = 0, head = 0;
+	bpf_probe_read_kernel(&head, sizeof(head), (void *)page + OFF_PAGE_COMPOUND_HEAD);
+	if (head & 1)
+		page = head - 1;
 	bpf_probe_read_kernel(&mapping, sizeof(mapping), (void *)page + OFF_PAGE_MAPPING);
 	return (mapping & 3) == 3;	/* PAGE_MAPPING_KSM */
 }

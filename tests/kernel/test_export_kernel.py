@@ -35,7 +35,7 @@ import pytest
 from ksmtrace.export.metrics import SYSFS_METRICS
 from ksmtrace.kernel import capabilities as caps
 from ksmtrace.kernel import procfs, sysfs
-from ksmtrace.workload import Workload, WorkloadSpec
+from ksmtrace.workload import Workload, WorkloadSpec, other_ksm_users
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "dashboards" / "ksmtrace.json"
@@ -569,6 +569,7 @@ def test_function_probe_panels_return_data_from_a_real_prometheus(facts, quiet_k
             "this test needs a kernel with kprobes or fentry (the tests/vm/ guests)")
         fn[probe] = c.method
     programs_before = count_programs()
+    cow_pre = procfs.read_ksm_vmstat().cow_ksm  # before the exporter attached
     with exporter("--interval", "0.5", "--top", "2", "--bpf-stats") as (port, proc):
         cow_base = procfs.read_ksm_vmstat().cow_ksm  # ksmd stopped, no other KSM user
         with prometheus(tmp_path, f"127.0.0.1:{port}") as prom:
@@ -595,7 +596,14 @@ def test_function_probe_panels_return_data_from_a_real_prometheus(facts, quiet_k
                 w.wait_expected()
                 scraped_after(prom, time.time())
                 assert prom.value("sum(ksmtrace_cow_breaks_total)") == \
-                    procfs.read_ksm_vmstat().cow_ksm - cow_base == writes
+                    procfs.read_ksm_vmstat().cow_ksm - cow_base == writes, (
+                    "cow_ksm before the exporter started", cow_pre, "after", cow_base,
+                    "traced", prom.query("ksmtrace_cow_breaks_total"),
+                    "per process", prom.query("ksmtrace_process_cow_breaks_total"),
+                    "workers", w.pids, written,
+                    "KSM users (this process included)", os.getpid(),
+                    [(u.pid, u.comm, u.rmap_items, u.merging_pages)
+                     for u in other_ksm_users(exclude=())] + [procfs.read_ksm_stat(os.getpid())])
                 assert per_pid_cow(prom) == {str(pid): n for pid, n in written.items()}, (
                     "traced", prom.query("ksmtrace_cow_breaks_total"),
                     "cow_ksm since the exporter started",
