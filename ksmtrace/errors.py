@@ -34,6 +34,13 @@ class KsmtraceError(Exception):
         self.hint = hint
 
 
+class UsageError(KsmtraceError):
+    """A bad command line that argparse cannot catch (a value out of range,
+    options that do not go together, no terminal)."""
+
+    exit_code = Exit.USAGE
+
+
 class NotRoot(KsmtraceError):
     exit_code = Exit.NOT_ROOT
 

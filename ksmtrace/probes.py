@@ -52,6 +52,12 @@ class Build:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
+    def fentry(self) -> bool:
+        """Whether fentry/fexit programs are part of it (`-D<PART>=1`)."""
+        return any(f.startswith("-D") and f.endswith(f"_FN={_FN_METHOD['fentry']}")
+                   for f in self.cflags)
+
+    @property
     def merge_slot(self) -> bool:
         """Whether ksmd's merges gather in `merge_slot` before mm_stats (the
         C side's MERGE_SLOT condition: a merge probe, and scan-round ends)."""

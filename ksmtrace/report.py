@@ -20,7 +20,7 @@ from typing import Any
 
 from ksmtrace import session
 from ksmtrace.collector import Collector
-from ksmtrace.errors import BadRecording, Exit, KsmtraceError
+from ksmtrace.errors import BadRecording, KsmtraceError, UsageError
 from ksmtrace.model import (
     EVENT_SIZE,
     MERGE_KIND_NAMES,
@@ -84,9 +84,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------ record
-class UsageError(KsmtraceError):
-    exit_code = Exit.USAGE
-
 
 def _progress(tty: bool, rec: Recorder, end: str) -> None:
     line = (f"ksmtrace record: {rec.ticks} ticks, {rec.events} events, "

@@ -10,11 +10,7 @@ import signal
 import sys
 
 from ksmtrace import session
-from ksmtrace.errors import Exit, KsmtraceError, not_root
-
-
-class UsageError(KsmtraceError):
-    exit_code = Exit.USAGE
+from ksmtrace.errors import KsmtraceError, UsageError, not_root
 
 EPILOG = """\
 examples:

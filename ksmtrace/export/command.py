@@ -14,7 +14,7 @@ import sys
 import time
 
 from ksmtrace import session
-from ksmtrace.errors import Exit, KsmtraceError
+from ksmtrace.errors import KsmtraceError, UsageError
 
 DEFAULT_PORT = 9949
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
@@ -34,9 +34,6 @@ load dashboards/ksmtrace-alerts.yml and import dashboards/ksmtrace.json in Grafa
 Metric names and their node_exporter equivalents: README, section Metrics.
 """
 
-
-class UsageError(KsmtraceError):
-    exit_code = Exit.USAGE
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -116,10 +116,6 @@ class LiveSource:
             raise
         return self
 
-    def _fentry(self) -> bool:
-        """Whether the plan attaches fentry/fexit programs (`-D<PART>=1`)."""
-        return any(f.startswith("-D") and f.endswith("_FN=1") for f in self.spec.cflags)
-
     def _ksmd_spins(self) -> bool:
         """ksmd running with sleep_millisecs=0: it never sleeps voluntarily."""
         return (sysfs.read_knob("run", self.root) == 1
@@ -131,7 +127,7 @@ class LiveSource:
         ksmd at sleep_millisecs=0 does neither, so bcc would hang in the
         attach (seen in the 6.12 guest: "rcu_tasks detected stalls" on ksmd).
         Say so at once instead."""
-        if self._fentry() and self._ksmd_spins():
+        if self.spec.fentry and self._ksmd_spins():
             raise Busy("ksmd runs with sleep_millisecs=0, so it never sleeps, and attaching "
                        "fentry programs waits until every task has slept once: it would hang",
                        "set sleep_millisecs to 1 or more while ksmtrace starts and stops "
@@ -176,7 +172,7 @@ class LiveSource:
     def close(self) -> None:
         try:
             if self._bpf is not None:
-                if self._fentry() and self._ksmd_spins():
+                if self.spec.fentry and self._ksmd_spins():
                     # detaching waits like attaching does: say why, if it hangs
                     print("ksmtrace: detaching fentry programs waits until ksmd sleeps once; "
                           "it runs with sleep_millisecs=0 and may not: if this does not "

@@ -96,7 +96,6 @@ def test_per_process_merges_stay_exact_across_exits_and_new_processes(facts, qui
         col = Collector("live", src.probes, src.notes, src.cow_estimated)
         col.add_tick(src.tick())
         expected: dict[int, int] = {}
-        mms = []
         for pages, distinct in ((1500, 15), (700, 7), (300, 3)):
             # the duplicates come first in the area, 20,000 unique pages after
             # them: ksmd, slowed down, is stopped after the last merge and
@@ -120,7 +119,6 @@ def test_per_process_merges_stay_exact_across_exits_and_new_processes(facts, qui
                 assert expected[pid] == pages
                 rows = {r.pid: r for r in s.processes}
                 assert rows[pid].merges == pages, rows[pid]
-                mms += [mm for mm, p in src.read_owners()[0].items() if p == pid]
             # the process has gone; ksmd runs on until it has let go of its mm:
             # it frees it where it stopped, and the round ends there (a later
             # mm_struct may then take the address)
@@ -136,7 +134,6 @@ def test_per_process_merges_stay_exact_across_exits_and_new_processes(facts, qui
                 assert rows[p].merges == n and not rows[p].alive, (p, rows[p])
         assert s.totals["merges"] == sum(expected.values()) == 2500
         assert sum(r.merges for r in s.processes) == 2500
-        print(f"mm addresses: {[hex(m) for m in mms]}")
 
 
 @pytest.mark.vm
