@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import fcntl
 import json
 import math
 import mmap
 import os
 import select
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -46,6 +48,13 @@ MAX_PAGES_TO_SCAN = 100_000
 DEFAULT_TIMEOUT = 120.0
 
 Register = Literal["madvise", "prctl"]
+# What merged pages can be put through before they are unmerged, each a path
+# of its own through break_ksm and do_wp_page (docs/cow-breaks.md):
+#   protnone  mprotect(PROT_NONE); writes to them go through /proc/self/mem
+#   uffd_wp   write-protected by userfaultfd (never written: a write waits)
+#   discard   MADV_DONTNEED: no page left to unmerge
+PageStateName = Literal["protnone", "uffd_wp", "discard"]
+PAGE_STATES: tuple[PageStateName, ...] = ("protnone", "uffd_wp", "discard")
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
@@ -484,11 +493,38 @@ def other_ksm_users(exclude: Collection[int] = (), root: str | os.PathLike = "/"
 # ---------------------------------------------------------------------------
 
 
+# userfaultfd (x86_64 syscall number; ioctls from linux/userfaultfd.h)
+PROT_NONE = 0
+NR_USERFAULTFD = 323
+UFFD_API = 0xAA
+UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0
+UFFDIO_API = 0xC018AA3F  # _IOWR(0xAA, 0x3F, struct uffdio_api)
+UFFDIO_REGISTER = 0xC020AA00  # _IOWR(0xAA, 0x00, struct uffdio_register)
+UFFDIO_WRITEPROTECT = 0xC018AA06  # _IOWR(0xAA, 0x06, struct uffdio_writeprotect)
+UFFDIO_REGISTER_MODE_WP = 1 << 1
+
+
 def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.syscall.restype = ctypes.c_long
     return libc
+
+
+def _runs(pages: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """(first page, count) of each run of consecutive pages."""
+    it = iter(sorted(pages))
+    start = prev = next(it, None)
+    if start is None:
+        return
+    for p in it:
+        if p != prev + 1:
+            yield start, prev - start + 1
+            start = p
+        prev = p
+    yield start, prev - start + 1
 
 
 def _prctl(libc: ctypes.CDLL, option: int, arg: int) -> None:
@@ -507,6 +543,9 @@ class _Child:
         self.libc = _libc()
         self.region: mmap.mmap | None = None
         self.addr = 0
+        self.protnone: set[int] = set()
+        self._mem: int | None = None  # /proc/self/mem, for writes to PROT_NONE pages
+        self._uffd: int | None = None
 
     def setup(self) -> None:
         spec = self.spec
@@ -555,20 +594,73 @@ class _Child:
             # EINVAL for [vsyscall] and friends: nothing to unregister there.
             self.libc.madvise(start, end - start, mmap.MADV_UNMERGEABLE)
 
-    def write(self, pages: list[int], generation: int) -> int:
+    def _put(self, page: int, data: bytes) -> None:
+        """Write at the start of `page`: a store, or for a PROT_NONE page a
+        FOLL_FORCE write through /proc/self/mem (as a debugger's would be),
+        which takes the same copy-on-write fault."""
         assert self.region is not None
+        if page in self.protnone:
+            if self._mem is None:
+                self._mem = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+            if os.pwrite(self._mem, data, self.addr + page * PAGE) != len(data):
+                raise OSError(f"short write to PROT_NONE page {page} via /proc/self/mem")
+        else:
+            self.region[page * PAGE : page * PAGE + len(data)] = data
+
+    def write(self, pages: list[int], generation: int) -> int:
         pid = os.getpid()
         for i in pages:
-            self.region[i * PAGE : i * PAGE + 32] = cow_marker(pid, i, generation)
+            self._put(i, cow_marker(pid, i, generation))
         return len(pages)
 
     def restore(self, pages: list[int]) -> int:
-        assert self.region is not None
         for i in pages:
-            self.region[i * PAGE : (i + 1) * PAGE] = page_content(
-                self.spec, self.nonce, self.index, i
-            )
+            self._put(i, page_content(self.spec, self.nonce, self.index, i))
         return len(pages)
+
+    def set_state(self, state: str, pages: list[int]) -> int:
+        assert self.region is not None
+        for start, n in _runs(pages):
+            if state == "protnone":
+                if self.libc.mprotect(self.addr + start * PAGE, n * PAGE, PROT_NONE) != 0:
+                    e = ctypes.get_errno()
+                    raise OSError(e, f"mprotect(PROT_NONE): {os.strerror(e)}")
+            elif state == "uffd_wp":
+                uffd = self._uffd_wp_registered()
+                # struct uffdio_writeprotect { range { start, len }, mode = MODE_WP }
+                arg = bytearray(struct.pack("QQQ", self.addr + start * PAGE, n * PAGE, 1))
+                fcntl.ioctl(uffd, UFFDIO_WRITEPROTECT, arg)
+            elif state == "discard":
+                self.region.madvise(mmap.MADV_DONTNEED, start * PAGE, n * PAGE)
+            else:
+                raise ValueError(f"unknown page state {state!r}: one of {', '.join(PAGE_STATES)}")
+        if state == "protnone":
+            self.protnone.update(pages)
+        return len(pages)
+
+    def _uffd_wp_registered(self) -> int:
+        """A userfaultfd with the whole region registered for write-protect
+        faults (no handler: nothing may write a protected page)."""
+        if self._uffd is not None:
+            return self._uffd
+        assert self.region is not None
+        fd = self.libc.syscall(NR_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK)
+        if fd < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"userfaultfd: {os.strerror(e)} (CONFIG_USERFAULTFD?)")
+        try:
+            api = bytearray(struct.pack("QQQ", UFFD_API, UFFD_FEATURE_PAGEFAULT_FLAG_WP, 0))
+            fcntl.ioctl(fd, UFFDIO_API, api)
+            if not struct.unpack("QQQ", api)[1] & UFFD_FEATURE_PAGEFAULT_FLAG_WP:
+                raise OSError("this kernel's userfaultfd cannot write-protect anonymous pages")
+            mode = UFFDIO_REGISTER_MODE_WP
+            reg = bytearray(struct.pack("QQQQ", self.addr, len(self.region), mode, 0))
+            fcntl.ioctl(fd, UFFDIO_REGISTER, reg)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._uffd = fd
+        return fd
 
     def unmerge(self) -> None:
         assert self.region is not None
@@ -581,7 +673,7 @@ class _Child:
         cmd = msg["cmd"]
         if cmd == "setup":
             self.setup()
-            return {"ok": cmd}
+            return {"ok": cmd, "addr": self.addr}
         if cmd == "write":
             n = self.write(msg["pages"], msg["generation"])
         elif cmd == "restore":
@@ -589,6 +681,8 @@ class _Child:
         elif cmd == "unmerge":
             self.unmerge()
             n = 0
+        elif cmd == "state":
+            n = self.set_state(msg["state"], msg["pages"])
         else:
             raise ValueError(f"unknown command {cmd!r}")
         self._unregister_others()
@@ -645,6 +739,7 @@ class _ChildHandle:
             close_fds=True,
         )
         self.pid = self.proc.pid
+        self.addr = 0  # the region's start in the child, once set up
         self._buf = b""
 
     def send(self, msg: dict[str, Any]) -> None:
@@ -714,6 +809,14 @@ class _State:
     generation: int = 0
     cow_expected: int = 0  # cow_ksm delta the writes so far must have caused
     unmerged: bool = False
+    # pages put in each PAGE_STATES state, per child
+    states: tuple[tuple[str, tuple[frozenset[int], ...]], ...] = ()
+
+    def in_state(self, state: str, index: int) -> frozenset[int]:
+        for name, pages in self.states:
+            if name == state:
+                return pages[index]
+        return frozenset()
 
 
 class Workload:
@@ -779,6 +882,12 @@ class Workload:
     def pids(self) -> list[int]:
         return [c.pid for c in self._children]
 
+    def regions(self) -> dict[int, tuple[int, int]]:
+        """pid -> [start, end) of its region: the page map to read, which
+        stays the same after unmerging (unlike its mergeable areas)."""
+        size = self.spec.region_pages * PAGE
+        return {c.pid: (c.addr, c.addr + size) for c in self._children}
+
     def start(self) -> None:
         """Baseline, knobs, children filled and registered (in order), run=1."""
         with self._lock:
@@ -836,7 +945,7 @@ class Workload:
         for c in self._children:
             c.recv(self.reply_timeout)
         for n, c in enumerate(self._children):
-            c.call({"cmd": "setup"}, self.reply_timeout)
+            c.addr = c.call({"cmd": "setup"}, self.reply_timeout)["addr"]
             self._progress("fill", (n + 1) * spec.region_pages, spec.processes * spec.region_pages)
         if self.drive_ksmd and self._knobs is not None:
             self._knobs.set(run=1)
@@ -922,10 +1031,15 @@ class Workload:
         return self.model().expectation
 
     @property
-    def expected_cow_ksm(self) -> int:
+    def expected_cow_ksm(self) -> int | None:
         """cow_ksm delta since start caused by this workload's writes and
-        unmerge (assuming each phase began with the kernel caught up)."""
-        return self._state.cow_expected
+        unmerge (assuming each phase began with the kernel caught up); None
+        once pages write-protected by userfaultfd were unmerged: whether
+        break_ksm copies them depends on the kernel (6.1 leaves them merged)."""
+        st = self._state
+        if st.unmerged and any(any(p) for n, p in st.states if n == "uffd_wp"):
+            return None
+        return st.cow_expected
 
     def measure(self, sysfs: KsmSysfs | None = None) -> Measurement:
         """Global deltas from the baseline and the children's ksm_stat now
@@ -1033,6 +1147,7 @@ class Workload:
         *,
         pause_ksmd: bool = True,
         pids: Collection[int] | None = None,
+        among: PageStateName | None = None,
     ) -> dict[int, int]:
         """Write unique bytes into `fraction` of each child's merged pages
         (KSM pages, not zero-page merges), at `rate` pages/s in total (None
@@ -1046,11 +1161,23 @@ class Workload:
         (+1..+3 over 750 writes in 4 of 18 runs, 0 in 10 runs with ksmd
         paused, no page migration either way). So when the workload drives
         ksmd it pauses it (run=0) during the writes unless `pause_ksmd` is
-        False (a live demo), which costs that exactness."""
+        False (a live demo), which costs that exactness.
+
+        With `among`, only pages put in that state by `set_state` are
+        written (PROT_NONE ones through /proc/self/mem); otherwise pages in
+        the uffd_wp state are never picked (a write would wait forever)."""
         with self._lock:
             self._check_running()
             st = self._state
-            plan = cow_plan(self.model().ksm_mapped, fraction, st.written, self.spec)
+            mapped = self.model().ksm_mapped
+            if among is not None:
+                if among == "uffd_wp":
+                    raise WorkloadError("pages write-protected by userfaultfd cannot be written")
+                mapped = tuple(
+                    tuple(i for i in m if i in st.in_state(among, p)) for p, m in enumerate(mapped)
+                )
+            skip = tuple(w | st.in_state("uffd_wp", p) for p, w in enumerate(st.written))
+            plan = cow_plan(mapped, fraction, skip, self.spec)
             if pids is not None:
                 plan = [p if c.pid in pids else [] for c, p in zip(self._children, plan,
                                                                     strict=True)]
@@ -1080,6 +1207,36 @@ class Workload:
             st.written = tuple(w - frozenset(plan[p][: done[p]]) for p, w in enumerate(st.written))
             self.phase = "merging"
             return sum(done)
+
+    def set_state(
+        self, state: PageStateName, fraction: float, *, pids: Collection[int] | None = None
+    ) -> dict[int, list[int]]:
+        """Put `fraction` of each child's merged pages (or only `pids`'
+        children's) into `state` (see PAGE_STATES); returns {pid: pages}.
+        protnone and uffd_wp pages stay merged; discarded pages are gone, as
+        if written (without a cow_ksm), from ksmd's next pass on."""
+        if state not in PAGE_STATES:
+            raise WorkloadError(f"unknown page state {state!r}: one of {', '.join(PAGE_STATES)}")
+        with self._lock:
+            self._check_running()
+            st = self._state
+            busy = tuple(
+                w.union(*(pages[p] for _, pages in st.states)) for p, w in enumerate(st.written)
+            )
+            plan = cow_plan(self.model().ksm_mapped, fraction, busy, self.spec)
+            if pids is not None:
+                plan = [p if c.pid in pids else [] for c, p in zip(self._children, plan,
+                                                                    strict=True)]
+            for c in self._children:
+                if plan[c.index]:
+                    c.call({"cmd": "state", "state": state, "pages": plan[c.index]},
+                           self.reply_timeout)
+            chosen = tuple(st.in_state(state, c.index) | frozenset(plan[c.index])
+                           for c in self._children)
+            st.states = tuple((n, v) for n, v in st.states if n != state) + ((state, chosen),)
+            if state == "discard":
+                st.written = tuple(w | frozenset(plan[p]) for p, w in enumerate(st.written))
+            return {c.pid: plan[c.index] for c in self._children}
 
     def unmerge(self) -> None:
         """MADV_UNMERGEABLE (or PR_SET_MEMORY_MERGE 0 for prctl) in every

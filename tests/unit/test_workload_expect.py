@@ -274,3 +274,16 @@ def test_cli_help_has_examples(capsys):
         parse("--help")
     out = capsys.readouterr().out
     assert "examples:" in out and "--cow-fraction" in out
+
+
+@pytest.mark.parametrize(
+    ("pages", "runs"),
+    [
+        ([], []),
+        ([5], [(5, 1)]),
+        ([3, 1, 2, 7, 8, 10], [(1, 3), (7, 2), (10, 1)]),
+    ],
+)
+def test_page_runs_cover_each_page_once(pages, runs):
+    """set_state issues one mprotect/ioctl/madvise per run of pages."""
+    assert list(w._runs(pages)) == runs
