@@ -196,13 +196,20 @@ class Collector:
                 for pid, n in wp_delta.items():
                     self._wp_total[pid] = self._wp_total.get(pid, 0) + n
                 self._cow_total += max(cow_ksm_delta, 0)
-                target = split_exact(self._cow_total, self._wp_total)
+                # Breaks while no KSM process has made a write fault yet
+                # (unshares by break_ksm, writes through GUP) are pid 0's,
+                # "(unattributed)", for good: the rows sum to cow_ksm exactly.
+                if not self._wp_total:
+                    self._cow_unattributed = self._cow_total
+                target = split_exact(self._cow_total - self._cow_unattributed, self._wp_total)
+                if self._cow_unattributed:
+                    target[0] = target.get(0, 0) + self._cow_unattributed
                 for pid in set(target) | set(self._cow_given):
                     d = target.get(pid, 0) - self._cow_given.get(pid, 0)
-                    if d and (pid in self._procs or pid in wp_delta):  # not a forgotten one
+                    # not a forgotten one
+                    if d and (pid in self._procs or pid in wp_delta or pid == 0):
                         self._proc(pid).cow += d
                 self._cow_given = target
-                self._cow_unattributed = self._cow_total - sum(target.values())
         # bounded: forget the oldest exited processes beyond MAX_EXITED
         for pid, p in self._procs.items():
             if pid not in alive and pid != 0:
