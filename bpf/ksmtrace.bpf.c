@@ -547,6 +547,17 @@ TRACEPOINT_PROBE(exceptions, page_fault_user)
  * page->mapping). The kernel copies every KSM page it reaches here and
  * counts COW_KSM, which is what we count, per process, with latency. */
 struct cow_call { u64 ts; u64 mm; u64 pfn; u64 vmf; u16 sub; u8 ksm; };
+
+#define _PAGE_PRESENT	0x001ULL
+#define _PAGE_PROTNONE	0x100ULL	/* x86: _PAGE_GLOBAL, meaningful when not present */
+
+/* do_wp_page counts COW_KSM on a KSM folio just before wp_page_copy, and
+ * returns without copying only through handle_userfault (a userfaultfd
+ * write-protected PTE: SIGBUS when nobody may wait, as in 6.1's break_ksm;
+ * RETRY or NOPAGE otherwise), or RETRY before the copy under a per-VMA lock.
+ * wp_page_copy itself returns 0, VM_FAULT_WRITE (up to 6.1), OOM or
+ * HWPOISON, all after the count. */
+#define VM_FAULT_NO_COPY	(0x002 | 0x040 | 0x100 | 0x400)	/* SIGBUS SIGSEGV NOPAGE RETRY */
 BPF_HASH(cow_calls, u32, struct cow_call, 4096);
 
 /* struct page: flags, then a union whose first word is compound_head (bit 0
@@ -589,10 +600,16 @@ static __always_inline void cow_enter(void *vmf)
 	u32 flags = 0;
 	u32 tid = (u32)bpf_get_current_pid_tgid();
 	bpf_probe_read_kernel(&pte, sizeof(pte), vmf + OFF_VMF_ORIG_PTE);
-	if (!(pte & 1)) {	/* _PAGE_PRESENT */
+	/* pte_present(): do_wp_page also handles PROT_NONE PTEs (break_ksm on a
+	 * PROT_NONE range, a FOLL_FORCE write through /proc/pid/mem), which have
+	 * _PAGE_PROTNONE instead of _PAGE_PRESENT and hold the pfn inverted
+	 * (x86's L1TF mitigation, undone by pte_pfn()). */
+	if (!(pte & (_PAGE_PRESENT | _PAGE_PROTNONE))) {
 		cow_forget(tid);
 		return;
 	}
+	if (!(pte & _PAGE_PRESENT))
+		pte = ~pte;
 	struct cow_call c = { .pfn = (pte & 0x000ffffffffff000ULL) >> 12, .vmf = (u64)vmf };
 	if (base) {
 		/* decide now, while the PTE still maps the page */
@@ -615,14 +632,16 @@ static __always_inline void cow_enter(void *vmf)
 	cow_calls.update(&tid, &c);
 }
 
-/* vmf: the exiting call's argument where the probe has it (fexit), else 0 */
-static __always_inline void cow_exit(void *ctx, u64 vmf)
+/* vmf: the exiting call's argument where the probe has it (fexit), else 0;
+ * ret: do_wp_page's vm_fault_t. */
+static __always_inline void cow_exit(void *ctx, u64 vmf, u32 ret)
 {
 	u32 tid = (u32)bpf_get_current_pid_tgid();
 	struct cow_call *c = cow_calls.lookup(&tid);
 	if (!c)
 		return;
-	if (vmf && c->vmf != vmf) {	/* not this call's entry */
+	if ((vmf && c->vmf != vmf) ||	/* not this call's entry */
+	    (ret & VM_FAULT_NO_COPY)) {	/* returned before counting COW_KSM */
 		cow_calls.delete(&tid);
 		return;
 	}
@@ -673,7 +692,7 @@ KFUNC_PROBE(do_wp_page, void *vmf)
 }
 KRETFUNC_PROBE(do_wp_page, void *vmf, int ret)
 {
-	cow_exit(ctx, (u64)vmf);
+	cow_exit(ctx, (u64)vmf, (u32)ret);
 	return 0;
 }
 #else
@@ -684,7 +703,7 @@ int kp_cow(struct pt_regs *ctx)
 }
 int kr_cow(struct pt_regs *ctx)
 {
-	cow_exit(ctx, 0);
+	cow_exit(ctx, 0, (u32)PT_REGS_RC(ctx));
 	return 0;
 }
 #endif

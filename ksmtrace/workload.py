@@ -382,7 +382,7 @@ class Measurement:
 
     pages_shared: int
     pages_sharing: int
-    ksm_zero_pages: int
+    ksm_zero_pages: int | None  # None: the kernel has no such counter (< 6.10)
     full_scans: int
     cow_ksm: int
     merging_pages: tuple[int | None, ...]
@@ -390,11 +390,10 @@ class Measurement:
     run: int | None
 
     def matches_global(self, e: Expectation) -> bool:
-        return (self.pages_shared, self.pages_sharing, self.ksm_zero_pages) == (
+        return (self.pages_shared, self.pages_sharing) == (
             e.pages_shared,
             e.pages_sharing,
-            e.ksm_zero_pages,
-        )
+        ) and self.ksm_zero_pages in (None, e.ksm_zero_pages)
 
     def matches_own(self, e: Expectation) -> bool:
         """The children's own ksm_stat figures, which nobody else can move.
@@ -1052,7 +1051,8 @@ class Workload:
         return Measurement(
             pages_shared=(s.pages_shared or 0) - (b.pages_shared or 0),
             pages_sharing=(s.pages_sharing or 0) - (b.pages_sharing or 0),
-            ksm_zero_pages=(s.ksm_zero_pages or 0) - (b.ksm_zero_pages or 0),
+            ksm_zero_pages=None if s.ksm_zero_pages is None
+            else s.ksm_zero_pages - (b.ksm_zero_pages or 0),
             full_scans=(s.full_scans or 0) - (b.full_scans or 0),
             cow_ksm=_read_cow_ksm(self.root) - self.baseline.cow_ksm,
             merging_pages=tuple(None if st is None else st.ksm_merging_pages for st in stats),
@@ -1132,7 +1132,7 @@ class Workload:
             f"ksmd did not reach the predicted figures in {timeout:g} s ({phase}): "
             f"pages_shared {m.pages_shared:+d} (expected {e.pages_shared:+d}), "
             f"pages_sharing {m.pages_sharing:+d} (expected {e.pages_sharing:+d}), "
-            f"ksm_zero_pages {m.ksm_zero_pages:+d} (expected {e.ksm_zero_pages:+d}), "
+            f"ksm_zero_pages {_signed(m.ksm_zero_pages)} (expected {e.ksm_zero_pages:+d}), "
             f"ksm_merging_pages per child {list(m.merging_pages)} "
             f"(expected {list(e.merging_pages)}), after {m.full_scans} full scans",
             hint,
@@ -1587,12 +1587,16 @@ class _Printer:
             self._dirty = False
 
 
+def _signed(v: int | None) -> str:
+    return "n/a" if v is None else f"{v:+d}"
+
+
 def _compare(e: Expectation, m: Measurement, pids: Sequence[int]) -> tuple[list[str], bool]:
     ok = m.matches(e)
     rows = [
         f"  {'':22}{'expected':>10}{'measured':>10}",
         *(
-            f"  {name:22}{ev:>+10d}{mv:>+10d}{'' if ev == mv else '   <- differs'}"
+            f"  {name:22}{ev:>+10d}{_signed(mv):>10}{'' if mv in (None, ev) else '   <- differs'}"
             for name, ev, mv in (
                 ("pages_shared", e.pages_shared, m.pages_shared),
                 ("pages_sharing", e.pages_sharing, m.pages_sharing),
@@ -1751,7 +1755,7 @@ def _loop(out: _Printer, w: Workload, args: argparse.Namespace) -> None:
         out.event(
             step,
             f"[{step}] pages_shared {m.pages_shared:+d} pages_sharing {m.pages_sharing:+d} "
-            f"ksm_zero_pages {m.ksm_zero_pages:+d} cow_ksm {m.cow_ksm:+d}",
+            f"ksm_zero_pages {_signed(m.ksm_zero_pages)} cow_ksm {m.cow_ksm:+d}",
             measured=m.as_dict(),
         )
 
