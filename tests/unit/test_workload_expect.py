@@ -263,7 +263,15 @@ def test_cli_defaults_and_flags():
     assert parse("--hold", "2.5").hold == 2.5
 
 
-@pytest.mark.parametrize("argv", [["-n", "0"], ["-p", "-1"], ["--register", "ksm"]])
+def test_cli_page_states():
+    assert parse().state == []
+    a = parse("--state", "protnone", "--state", "uffd_wp:0.25", "--state", "discard:1")
+    assert a.state == [("protnone", 0.5), ("uffd_wp", 0.25), ("discard", 1.0)]
+
+
+@pytest.mark.parametrize("argv", [["-n", "0"], ["-p", "-1"], ["--register", "ksm"],
+                                  ["--state", "mlocked"], ["--state", "protnone:x"],
+                                  ["--state", "discard:1.5"], ["--state", "discard:nan"]])
 def test_cli_rejects_bad_values(argv):
     with pytest.raises(SystemExit):
         parse(*argv)
