@@ -40,6 +40,7 @@ from typing import Any, Literal
 from ksmtrace.errors import Exit, KsmtraceError, NoKsm, no_ksm, not_root
 from ksmtrace.kernel import procfs
 from ksmtrace.kernel.sysfs import KsmKnobs, KsmSysfs, Terminated, ksm_present, read_sysfs
+from ksmtrace.spawn import python_argv
 
 PAGE = mmap.PAGESIZE
 PR_SET_PDEATHSIG = 1
@@ -727,14 +728,10 @@ class _ChildHandle:
 
     def __init__(self, index: int, cfg: dict[str, Any]):
         self.index = index
-        env = dict(os.environ)
-        pkg_parent = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ksmtrace.workload", "--child", json.dumps(cfg)],
+            python_argv("ksmtrace.workload", "--child", json.dumps(cfg)),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            env=env,
             close_fds=True,
         )
         self.pid = self.proc.pid

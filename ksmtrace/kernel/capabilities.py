@@ -14,12 +14,12 @@ import json
 import os
 import platform
 import subprocess
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ksmtrace.kernel import headers as headers_mod
 from ksmtrace.kernel import symbols, sysfs, tracefs
+from ksmtrace.spawn import python_argv
 
 KSM_TRACEPOINTS = (
     "ksm_start_scan",
@@ -393,7 +393,7 @@ def _bcc_version() -> str | None:
 def _run_trials(specs: list[str], env: dict[str, str]) -> dict[str, Trial]:
     """Load+attach tiny programs in a subprocess (ksmtrace.sources.trial)."""
     r = subprocess.run(
-        [sys.executable, "-m", "ksmtrace.sources.trial", *specs],
+        python_argv("ksmtrace.sources.trial", *specs),
         capture_output=True,
         text=True,
         env=env,
