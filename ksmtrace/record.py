@@ -103,6 +103,7 @@ from ksmtrace.model import (
     ProgramCost,
     Tick,
 )
+from ksmtrace.outfile import open_output
 
 MAGIC = b"KSMTRACE-REC\n"
 VERSION = 2
@@ -229,7 +230,7 @@ class Recorder:
         self.path = os.fspath(path)
         self.ticks = 0
         self.events = 0
-        self._f: BinaryIO | None = open(self.path, "wb")  # noqa: SIM115 (closed in close())
+        self._f: BinaryIO | None = open_output(self.path)  # private: holds kernel addresses
         head = {"format": VERSION, "ksmtrace": __version__, **header}
         with signals_held():
             self._put(MAGIC + _PREAMBLE.pack(VERSION)

@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ksmtrace import session
+from ksmtrace import argtypes, session
 from ksmtrace.collector import Collector
-from ksmtrace.errors import BadRecording, KsmtraceError, UsageError
+from ksmtrace.errors import BadRecording, KsmtraceError
 from ksmtrace.model import (
     EVENT_SIZE,
     MERGE_KIND_NAMES,
@@ -30,6 +30,7 @@ from ksmtrace.model import (
     Snapshot,
     iter_events,
 )
+from ksmtrace.outfile import open_output
 from ksmtrace.record import Recorder, probe_to_json
 from ksmtrace.sources.replay import ReplaySource
 
@@ -55,9 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG, formatter_class=fmt)
     p.add_argument("-o", "--output", required=True, metavar="FILE",
                    help="recording to write (replaced if it exists)")
-    p.add_argument("--duration", type=float, default=0.0, metavar="S",
+    p.add_argument("--duration", type=argtypes.duration, default=0.0, metavar="S",
                    help="stop after S seconds (default: until Ctrl-C or SIGTERM)")
-    p.add_argument("interval", nargs="?", type=float, default=1.0,
+    p.add_argument("interval", nargs="?", type=argtypes.seconds, default=1.0,
                    help="seconds per tick (default 1)")
     session.add_source_options(p, stream_default=True)
     p.set_defaults(func=run_record)
@@ -114,10 +115,6 @@ def recording_header(src: Any, interval: float) -> dict[str, Any]:
 def run_record(args: argparse.Namespace) -> int:
     from ksmtrace.cli import Terminated  # raised by the CLI's SIGTERM handler
 
-    if args.interval <= 0:
-        raise UsageError(f"interval must be > 0, not {args.interval:g}")
-    if args.duration < 0:
-        raise UsageError(f"--duration must be >= 0, not {args.duration:g}")
     src = session.open_source(args, need_bpf=True)
     with src:
         session.enforce_strict(args, src.probes)
@@ -580,7 +577,7 @@ def timeline(path: str) -> dict[str, Any]:
 def run_timeline(args: argparse.Namespace) -> int:
     t = timeline(args.file)  # a bad recording raises before anything is written
     try:
-        with open(args.output, "w") as f:
+        with open_output(args.output, inputs=[args.file], text=True) as f:
             json.dump(t, f, separators=(",", ":"))
     except OSError as e:
         raise KsmtraceError(f"cannot write {args.output}: {e.strerror}",
