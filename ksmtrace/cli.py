@@ -5,10 +5,12 @@ errors into one-line messages with distinct exit codes (never a traceback).
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import signal
 import sys
 
-from ksmtrace import __version__
+from ksmtrace import __version__, argtypes
 from ksmtrace.errors import Exit, KsmtraceError
 
 DESCRIPTION = """\
@@ -32,7 +34,7 @@ Run `ksmtrace COMMAND --help` for each command's options and examples."""
 def build_parser() -> argparse.ArgumentParser:
     from ksmtrace import doctor, export, report, stat, top, trace, workload
 
-    p = argparse.ArgumentParser(
+    p = argtypes.Parser(
         prog="ksmtrace",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -62,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a full disk is reported here, not at exit
+        return rc
     except KsmtraceError as e:
         print(f"ksmtrace: {e.message}", file=sys.stderr)
         if e.hint:
@@ -78,6 +82,18 @@ def main(argv: list[str] | None = None) -> int:
         # `ksmtrace stat | head`: the reader went away; that is not an error.
         sys.stderr.close()
         return int(Exit.OK)
+    except OSError as e:
+        if e.errno not in _OUTPUT_FULL:
+            raise
+        # what is still buffered for stdout must not fail again at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"ksmtrace: cannot write the output: {e.strerror}", file=sys.stderr)
+        print("  how to fix: free space on its file system, or write it elsewhere",
+              file=sys.stderr)
+        return int(Exit.FAILURE)
+
+
+_OUTPUT_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 
 
 class Terminated(Exception):

@@ -12,6 +12,7 @@ import json
 import sys
 import textwrap
 
+from ksmtrace import argtypes
 from ksmtrace.errors import Exit
 from ksmtrace.kernel import capabilities as caps
 from ksmtrace.kernel import sysfs
@@ -45,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--json", action="store_true", help="machine-readable report")
-    p.add_argument("--cost-seconds", type=float, default=COST_SECONDS, metavar="S",
+    p.add_argument("--cost-seconds", type=argtypes.duration, default=COST_SECONDS, metavar="S",
                    help="attach the default programs for S seconds and show what they cost "
                    f"the kernel (BPF stats; default {COST_SECONDS:g}, 0 skips it)")
     p.add_argument(

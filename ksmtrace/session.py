@@ -9,7 +9,8 @@ import argparse
 import os
 import sys
 
-from ksmtrace.errors import KsmtraceError, NoProcess, not_root
+from ksmtrace import argtypes
+from ksmtrace.errors import KsmtraceError, NoProcess, UsageError, not_root
 from ksmtrace.kernel import sysfs
 from ksmtrace.model import ProbeStatus
 
@@ -20,22 +21,36 @@ class StrictMiss(KsmtraceError):
 
 def add_source_options(p: argparse.ArgumentParser, stream_default: bool = False) -> None:
     g = p.add_argument_group("source")
-    g.add_argument("-p", "--pid", type=int, action="append", metavar="PID",
+    g.add_argument("-p", "--pid", type=argtypes.pid, action="append", metavar="PID",
                    help="only this process (repeatable)")
     g.add_argument("--sysfs-only", action="store_true",
                    help="no BPF: poll the kernel's counters only (works without root)")
     g.add_argument("--attach", choices=("auto", "fentry", "kprobe", "tracepoint"),
-                   default=os.environ.get("KSMTRACE_ATTACH", "auto"),
                    help="force one BPF backend (default: auto, or $KSMTRACE_ATTACH)")
     g.add_argument("--strict", action="store_true",
                    help="fail (exit 1) if any probe of the plan cannot be attached")
-    g.add_argument("--bpf-stats", action="store_true",
-                   default=os.environ.get("KSMTRACE_BPF_STATS") == "1",
+    g.add_argument("--bpf-stats", action="store_true", default=None,
                    help="measure ksmtrace's own BPF cost (kernel BPF statistics, on only "
                    "while ksmtrace runs); off by default: it costs ksmd about 5%% more CPU "
                    "(bench/RESULTS.md). `ksmtrace doctor` always measures it")
     g.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(stream=stream_default)
+
+
+def _bpf_options(args: argparse.Namespace) -> list[str]:
+    """The BPF-only options given on the command line (not from the environment)."""
+    return [opt for opt, given in (("--attach", args.attach is not None),
+                                   ("--strict", args.strict), ("--bpf-stats", args.bpf_stats),
+                                   ("--ebpf", args.ebpf)) if given]
+
+
+def refuse_source_options(args: argparse.Namespace, why: str) -> None:
+    """Options that choose or filter a live source mean nothing with `why`
+    (a replay): refused, not silently ignored."""
+    given = _bpf_options(args) + ["--sysfs-only"] * args.sysfs_only + ["-p"] * bool(args.pid)
+    if given:
+        raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} nothing "
+                         f"with {why}", f"drop {', '.join(given)}")
 
 
 def check_pids(pids: list[int] | None) -> None:
@@ -60,8 +75,16 @@ def open_source(args: argparse.Namespace, need_bpf: bool = False, quiet: bool = 
     non-root unless the command needs BPF (trace, record)."""
     from ksmtrace.sources.counters import SysfsSource
 
+    bpf_only = _bpf_options(args)
+    if args.sysfs_only and bpf_only:
+        raise UsageError(f"{', '.join(bpf_only)} need{'s' * (len(bpf_only) == 1)} BPF, and "
+                         "--sysfs-only uses none", f"drop {', '.join(bpf_only)} or --sysfs-only")
+    if os.geteuid() != 0 and bpf_only:
+        raise not_root(f"{', '.join(bpf_only)} (BPF)")
     check_pids(args.pid)
     sysfs.read_sysfs()  # a kernel without KSM fails here, clearly
+    attach = args.attach or os.environ.get("KSMTRACE_ATTACH", "auto")
+    bpf_stats = args.bpf_stats or os.environ.get("KSMTRACE_BPF_STATS") == "1"
     if args.sysfs_only:
         if need_bpf:
             raise KsmtraceError("this command needs BPF; --sysfs-only cannot trace events",
@@ -80,7 +103,7 @@ def open_source(args: argparse.Namespace, need_bpf: bool = False, quiet: bool = 
     from ksmtrace.sources.live import LiveSource
 
     facts = caps.probe_host()
-    plan = caps.plan(facts, None if args.attach == "auto" else args.attach)
+    plan = caps.plan(facts, None if attach == "auto" else attach)
     if args.ebpf:
         b = probes.build(plan, facts, args.stream)
         print(f"// cflags: {' '.join(b.cflags)}")
@@ -89,7 +112,7 @@ def open_source(args: argparse.Namespace, need_bpf: bool = False, quiet: bool = 
         print(probes.MAIN_SOURCE.read_text())
         raise SystemExit(0)
     src = LiveSource(facts, plan, stream=args.stream, pids=args.pid,
-                     bpf_stats=getattr(args, "bpf_stats", False))
+                     bpf_stats=bpf_stats)
     return src
 
 

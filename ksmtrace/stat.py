@@ -10,11 +10,10 @@ import argparse
 import contextlib
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator
 
-from ksmtrace import session
+from ksmtrace import argtypes, session
 from ksmtrace.collector import Collector
 from ksmtrace.errors import not_root
 from ksmtrace.model import Snapshot
@@ -54,8 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("interval", nargs="?", type=float, default=1.0, help="seconds (default 1)")
-    p.add_argument("count", nargs="?", type=int, default=0,
+    p.add_argument("interval", nargs="?", type=argtypes.seconds, default=1.0,
+                   help="seconds (default 1)")
+    p.add_argument("count", nargs="?", type=argtypes.count, default=0,
                    help="lines to print (default: until Ctrl-C)")
     p.add_argument("-j", "--json", action="store_true", help="one JSON object per interval")
     p.add_argument("--demo", action="store_true",
@@ -125,9 +125,6 @@ def header_lines(src, snap: Snapshot) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.interval <= 0:
-        print("ksmtrace stat: interval must be > 0", file=sys.stderr)
-        return 2
     src = session.open_source(args)
     with src:  # attach first, so the demo's first merges are traced too
         session.enforce_strict(args, src.probes)

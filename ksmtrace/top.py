@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from ksmtrace import session
+from ksmtrace import argtypes, session
 from ksmtrace.errors import KsmtraceError, UsageError, not_root
 
 EPILOG = """\
@@ -37,12 +37,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("-i", "--interval", type=float, default=1.0,
+    p.add_argument("-i", "--interval", type=argtypes.seconds, default=1.0,
                    help="seconds between samples (default 1)")
     p.add_argument("--demo", action="store_true",
                    help="run the demo workload (root; restores every knob on exit)")
     p.add_argument("--replay", metavar="FILE", help="replay a recording instead of live data")
-    p.add_argument("--speed", type=float, default=1.0,
+    p.add_argument("--speed", type=argtypes.factor, default=1.0,
                    help="replay speed, 1 = as recorded (default 1)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="stream every event for the event log (default: on with --demo)")
@@ -51,11 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    if args.interval <= 0:
-        raise UsageError(f"--interval must be > 0, not {args.interval}",
-                            "for example --interval 0.5")
-    if args.speed <= 0:
-        raise UsageError(f"--speed must be > 0, not {args.speed}", "for example --speed 4")
+    if args.replay:
+        session.refuse_source_options(args, "--replay")
     if args.replay and args.demo:
         raise UsageError("--replay and --demo do not go together",
                             "replay a recording, or watch the demo live")

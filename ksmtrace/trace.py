@@ -8,7 +8,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from ksmtrace import session
+from ksmtrace import argtypes, session
 from ksmtrace.kernel import procfs
 from ksmtrace.model import STAGES, CowKind, Event, EventKind, MergeKind, iter_events
 
@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage", choices=STAGES, action="append",
                    help="only events of this stage (repeatable)")
     p.add_argument("-j", "--json", action="store_true", help="one JSON object per event")
-    p.add_argument("--duration", type=float, default=0, help="stop after S seconds")
+    p.add_argument("--duration", type=argtypes.duration, default=0, help="stop after S seconds")
     session.add_source_options(p, stream_default=True)
     p.set_defaults(func=run)
 

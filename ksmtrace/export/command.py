@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from ksmtrace import session
+from ksmtrace import argtypes, session
 from ksmtrace.errors import KsmtraceError, UsageError
 
 DEFAULT_PORT = 9949
@@ -49,14 +49,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="ADDR:PORT",
                    help=f"address to serve /metrics on (default {DEFAULT_LISTEN}; "
                    f"':{DEFAULT_PORT}' or '0.0.0.0:{DEFAULT_PORT}' for every interface)")
-    p.add_argument("-i", "--interval", type=float, default=1.0, metavar="S",
+    p.add_argument("-i", "--interval", type=argtypes.seconds, default=1.0, metavar="S",
                    help="seconds between kernel polls, i.e. snapshots (default 1)")
-    p.add_argument("--top", type=int, default=20, metavar="N",
+    p.add_argument("--top", type=argtypes.count, default=20, metavar="N",
                    help="processes and cgroups exported one by one, the rest summed into "
                    "one 'other' series (default 20)")
     p.add_argument("--replay", metavar="FILE",
                    help="serve the snapshots of a recording (at its pace), then its last one")
-    p.add_argument("--speed", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--speed", type=argtypes.factor, default=1.0, help=argparse.SUPPRESS)
     session.add_source_options(p)
     p.set_defaults(func=run)
 
@@ -64,13 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _validate(args: argparse.Namespace) -> tuple[str, int, int]:
     from ksmtrace.export.server import parse_listen  # stdlib + prometheus_client
 
-    if args.interval <= 0:
-        raise UsageError(f"--interval must be > 0, not {args.interval:g}")
+    if args.replay:
+        session.refuse_source_options(args, "--replay")
     top = args.top
-    if top < 0:
-        raise UsageError(f"--top must be 0 or more, not {top}")
-    if args.speed <= 0:
-        raise UsageError("--speed must be > 0")
     try:
         host, port = parse_listen(args.listen)
     except ValueError as e:
