@@ -10,8 +10,8 @@ them: that is what the test would catch.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,16 +36,16 @@ def planted(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def run(cwd: Path, *argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    exe = shutil.which("ksmtrace")
-    assert exe, "the ksmtrace console script is not on PATH (scripts/setup.sh installs it)"
-    return subprocess.run([exe, *argv], cwd=cwd, capture_output=True, text=True,
+    # the console script of this interpreter's environment: it does not put
+    # the working directory on sys.path itself
+    exe = Path(sys.executable).parent / "ksmtrace"
+    assert exe.exists(), f"no console script {exe} (scripts/setup.sh installs it)"
+    return subprocess.run([str(exe), *argv], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
 
 
 def test_control_plain_python_m_runs_the_plant(planted):
     cwd, marker = planted
-    import sys
-
     subprocess.run([sys.executable, "-m", "ksmtrace.sources.trial"], cwd=cwd,
                    capture_output=True, timeout=60)
     assert marker.exists(), "the plant was not imported by plain -m: the test proves nothing"
