@@ -221,9 +221,23 @@ def http_get(url: str, timeout: float = 30) -> bytes:
         return r.read()
 
 
-def wait_for(what: str, cond, timeout: float = 120, every: float = 0.2):
+def cpu_ticks(pid: int) -> int | None:
+    """utime + stime of a process and its waited-for children (clock ticks)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return sum(int(x) for x in fields[11:15])
+
+
+def wait_for(what: str, cond, timeout: float = 120, every: float = 0.2, pid: int | None = None):
+    """Until `cond()` is true. With `pid`, `timeout` is how long that
+    process may go without using any CPU: a loaded host slows its work (bcc
+    compiling, BPF loading) but never stops it, so the deadline follows the
+    work done instead of a guess."""
     deadline = time.monotonic() + timeout
-    last = None
+    last, ticks = None, cpu_ticks(pid) if pid else None
     while time.monotonic() < deadline:
         try:
             last = cond()
@@ -232,7 +246,12 @@ def wait_for(what: str, cond, timeout: float = 120, every: float = 0.2):
         if last:
             return last
         time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        if pid:
+            now = cpu_ticks(pid)
+            if now != ticks:
+                ticks, deadline = now, time.monotonic() + timeout
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}"
+                         + (f" (process {pid} used no CPU meanwhile)" if pid else ""))
 
 
 @contextlib.contextmanager
@@ -251,7 +270,7 @@ def exporter(*args: str, argv_prefix=None, env=None, cwd=None, listen: str | Non
                 raise AssertionError(f"exporter exited {p.returncode}: {p.stderr.read()}")
             return b"ksmtrace_collector_cycles_total" in http_get(
                 f"http://127.0.0.1:{port}/metrics", 5)
-        wait_for("the exporter's first snapshot", ready, 120)
+        wait_for("the exporter's first snapshot", ready, 60, pid=p.pid)
         yield port, p
     finally:
         if p.poll() is None:
@@ -318,7 +337,7 @@ def prometheus(tmp: Path, target: str):
                          stdout=log, stderr=subprocess.STDOUT)
     try:
         prom = Prometheus(port)
-        wait_for("Prometheus ready", lambda: http_get(f"{prom.base}/-/ready", 5), 120)
+        wait_for("Prometheus ready", lambda: http_get(f"{prom.base}/-/ready", 5), 60, pid=p.pid)
         wait_for("the first scrape", lambda: prom.query('up{job="ksmtrace"} == 1'), 120)
         yield prom
     finally:
