@@ -64,7 +64,7 @@ TRACEPOINT_ONLY = {
 }
 # No panel shows ksmtrace_scan_batch_duration_seconds: ksm_do_scan is inlined
 # on 6.1, 6.12 and 6.18, so nothing can fill it on a kernel we support (see
-# README, Metrics). ksmtrace_bpf_program_*: the exporters run with
+# docs/metrics.md). ksmtrace_bpf_program_*: the exporters run with
 # --bpf-stats, so the own-cost panel is held to returning data like the rest.
 
 
