@@ -21,7 +21,8 @@ from ksmtrace.spawn import python_argv
 pytestmark = [pytest.mark.kernel]
 
 PLANTED = ("ksmtrace/__init__.py", "ksmtrace/sources/__init__.py",
-           "ksmtrace/sources/trial.py", "ksmtrace/workload.py", "json.py", "runpy.py", "bcc.py")
+           "ksmtrace/sources/trial.py", "ksmtrace/workload/__init__.py",
+           "ksmtrace/workload/__main__.py", "json.py", "runpy.py", "bcc.py")
 
 
 @pytest.fixture

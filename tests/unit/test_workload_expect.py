@@ -10,6 +10,8 @@ import pytest
 
 from ksmtrace import workload as w
 from ksmtrace.workload import Expectation, Measurement, WorkloadError, WorkloadSpec, expect
+from ksmtrace.workload import model as wm
+from ksmtrace.workload.child import _runs
 
 
 def spec(n: int, m: int, d: int, **kw) -> WorkloadSpec:
@@ -164,7 +166,7 @@ def test_cow_plan_spreads_writes_and_rounds_half_up():
 
 def test_cow_plan_takes_the_same_share_of_every_content():
     s = spec(2, 3000, 30, zero_pages=100)
-    m = w.model(s)
+    m = wm.model(s)
     plan = w.cow_plan(m.ksm_mapped, 0.3, spec=s)
     for pages in plan:
         assert len(pages) == 930
@@ -180,10 +182,10 @@ def test_cow_plan_skips_pages_already_written():
 
 
 def test_cow_targets_are_ksm_mapped_pages_only():
-    m = w.model(spec(3, 171, 1, unique_pages=5, zero_pages=5), use_zero_pages=True)
+    m = wm.model(spec(3, 171, 1, unique_pages=5, zero_pages=5), use_zero_pages=True)
     assert [len(x) for x in m.ksm_mapped] == [171, 171, 170]  # no leftover, unique, zero
     assert all(p < 171 for pages in m.ksm_mapped for p in pages)
-    m = w.model(spec(2, 10, 5, zero_pages=3), use_zero_pages=False)
+    m = wm.model(spec(2, 10, 5, zero_pages=3), use_zero_pages=False)
     assert m.ksm_mapped[0] == tuple(range(13))  # zero content is a KSM page here
 
 
@@ -294,4 +296,4 @@ def test_cli_help_has_examples(capsys):
 )
 def test_page_runs_cover_each_page_once(pages, runs):
     """set_state issues one mprotect/ioctl/madvise per run of pages."""
-    assert list(w._runs(pages)) == runs
+    assert list(_runs(pages)) == runs
