@@ -6,51 +6,40 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 
 
-def _finite(text: str) -> float:
+def _parse(text: str, kind: type[int] | type[float]) -> float:
     try:
-        v = float(text)
+        v = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        what = "a number" if kind is float else "a whole number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
     if not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return v
 
 
-def seconds(text: str) -> float:
-    """An interval: finite and > 0."""
-    v = _finite(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
-    return v
+def _at_least(kind: type, low: float, *, strict: bool = False, high: float | None = None,
+              unit: str = "") -> Callable[[str], float]:
+    def check(text: str):
+        v = _parse(text, kind)
+        if v < low or (strict and v == low) or (high is not None and v > high):
+            bound = f"{'more than' if strict else 'at least'} {low}{unit}"
+            if high is not None:
+                bound = f"within {low}..{high}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, not {text}")
+        return v
+    return check
 
 
-def duration(text: str) -> float:
-    """A duration where 0 means "no limit": finite and >= 0."""
-    v = _finite(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more seconds, not {text}")
-    return v
-
-
-def factor(text: str) -> float:
-    """A speed factor: finite and > 0."""
-    v = _finite(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
-    return v
-
-
-def count(text: str) -> int:
-    """A count where 0 means "no limit": an integer >= 0."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
-    return v
+seconds = _at_least(float, 0, strict=True, unit=" seconds")  # an interval
+duration = _at_least(float, 0, unit=" seconds (0: no limit)")
+factor = _at_least(float, 0, strict=True)  # a speed
+fraction = _at_least(float, 0, high=1)
+rate = _at_least(float, 0)  # per second, 0: as fast as possible
+count = _at_least(int, 0)  # 0: no limit, or none
+positive = _at_least(int, 1)
 
 
 def pid(text: str) -> int:

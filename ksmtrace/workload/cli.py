@@ -85,7 +85,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     shape.add_argument(
         "-n",
         "--processes",
-        type=_positive,
+        type=argtypes.positive,
         default=2,
         metavar="N",
         help="child processes (default 2)",
@@ -93,7 +93,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     shape.add_argument(
         "-p",
         "--pages",
-        type=_count,
+        type=argtypes.count,
         default=1000,
         metavar="M",
         help="duplicate pages per process (default 1000)",
@@ -101,7 +101,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     shape.add_argument(
         "-d",
         "--distinct",
-        type=_positive,
+        type=argtypes.positive,
         default=10,
         metavar="D",
         help="distinct contents among them, page i has content i%%D (default 10)",
@@ -109,7 +109,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     shape.add_argument(
         "-u",
         "--unique-pages",
-        type=_count,
+        type=argtypes.count,
         default=0,
         metavar="U",
         help="extra pages per process that never merge (default 0)",
@@ -117,7 +117,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     shape.add_argument(
         "-z",
         "--zero-pages",
-        type=_count,
+        type=argtypes.count,
         default=0,
         metavar="Z",
         help="extra all-zero pages per process (default 0)",
@@ -139,7 +139,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     )
     ksmd.add_argument(
         "--pages-to-scan",
-        type=_positive,
+        type=argtypes.positive,
         default=None,
         metavar="N",
         help=f"pages_to_scan when driving ksmd (default {MAX_PAGES_TO_SCAN})",
@@ -153,7 +153,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     )
     ksmd.add_argument(
         "--timeout",
-        type=float,
+        type=argtypes.seconds,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help=f"give up waiting for ksmd after this long, per phase (default {DEFAULT_TIMEOUT:g})",
@@ -161,7 +161,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     phases = p.add_argument_group("phases")
     phases.add_argument(
         "--cow-fraction",
-        type=float,
+        type=argtypes.fraction,
         default=0.0,
         metavar="F",
         help="after merging, write to this fraction (0..1) of each "
@@ -169,7 +169,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     )
     phases.add_argument(
         "--cow-rate",
-        type=float,
+        type=argtypes.rate,
         default=0.0,
         metavar="PAGES/S",
         help="COW writes per second, all processes together (default 0: as fast as possible)",
@@ -193,7 +193,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     )
     phases.add_argument(
         "--hold",
-        type=float,
+        type=argtypes.duration,
         nargs="?",
         const=math.inf,
         default=0.0,
@@ -216,27 +216,9 @@ def _page_state(text: str) -> tuple[PageStateName, float]:
     name, _, frac = text.partition(":")
     if name not in PAGE_STATES:
         raise argparse.ArgumentTypeError(f"unknown page state {name!r}: {', '.join(PAGE_STATES)}")
-    try:
-        f = float(frac) if frac else 0.5
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a fraction: {frac!r}") from None
-    if not 0.0 <= f <= 1.0:
-        raise argparse.ArgumentTypeError(f"the fraction must be within 0..1, not {frac}")
-    return name, f  # type: ignore[return-value]
+    return name, argtypes.fraction(frac) if frac else 0.5  # type: ignore[return-value]
 
 
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {v}")
-    return v
-
-
-def _count(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"cannot be negative: {v}")
-    return v
 
 
 class _Printer:
@@ -312,8 +294,6 @@ def run_cli(args: argparse.Namespace) -> int:
         use_zero_pages=None if args.use_zero_pages is None else bool(args.use_zero_pages),
     )
     spec.validate()
-    if not 0.0 <= args.cow_fraction <= 1.0:
-        raise WorkloadError(f"--cow-fraction must be within 0..1, not {args.cow_fraction}")
     if args.state and args.loop:
         raise WorkloadError("--state cannot be combined with --loop (re-merging restores contents "
                             "into pages that may be PROT_NONE or write-protected)")

@@ -15,6 +15,7 @@ from ksmtrace import argtypes, cli
 
 RECORDING = "tests/fixtures/recordings/host-6.18-workload.ksmrec"
 BAD_NUMBERS = ("nan", "inf", "-inf", "-1", "abc", "")
+NUMBERS = (int, float)  # a number option must use an argtypes type, which refuses NaN
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -84,6 +85,12 @@ def test_misuse_exits_non_zero_with_one_error_line(argv, capsys):
     assert lines and lines[0].startswith("ksmtrace: "), out.err
     assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("  how to fix: ")), out.err
     assert "Traceback" not in out.err
+
+
+def test_no_option_takes_a_bare_int_or_float():
+    bare = [(name, a.option_strings or a.dest) for name, sp in _subparsers().items()
+            for a in sp._actions if a.type in NUMBERS and not a.choices]
+    assert bare == []
 
 
 def test_the_matrix_covers_every_subcommand():
