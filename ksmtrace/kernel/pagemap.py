@@ -12,6 +12,14 @@ Sources (Documentation/admin-guide/mm/pagemap.rst), all root-only:
 pagemap is read once per area; kpageflags and kpagecount only at the distinct
 pfns found, sorted and grouped into a few contiguous reads.
 
+KPF_KSM is wrong on some kernels (6.12): stable_page_flags() tests
+`mapping & PAGE_MAPPING_KSM`, which PAGE_MAPPING_ANON alone satisfies, so every
+anonymous page reads as KSM. `kpf_ksm_reliable()` tests it once on a private
+page of our own; where it fails, a page is taken for a KSM page when it is
+anonymous and mapped by two PTEs or more (KSM pages are shared; a KSM page
+left with one mapper, or an anonymous page shared after fork, is then
+misread), and the map says its KSM state is inferred.
+
 A fixture root cannot hold these files whole (their offsets reach terabytes),
 so `RootFiles` also reads a recorded form: a directory `<file>.chunks/` next to
 where the file would be, holding the bytes the kernel returned as files named
@@ -20,8 +28,10 @@ by their byte offset in hex. Bytes outside every chunk read as zero.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import errno
+import mmap
 import os
 from array import array
 from bisect import bisect_right
@@ -190,9 +200,46 @@ def mergeable_areas(
     return parse_smaps_areas(text)
 
 
+_kpf_ksm_reliable: bool | None = None
+
+
+def kpf_ksm_reliable() -> bool:
+    """Whether /proc/kpageflags' KPF_KSM marks KSM pages only, tested once
+    on an anonymous page of this process, which is certainly not one (root;
+    True when it cannot be told)."""
+    global _kpf_ksm_reliable
+    if _kpf_ksm_reliable is None:
+        _kpf_ksm_reliable = _test_kpf_ksm()
+    return _kpf_ksm_reliable
+
+
+def _test_kpf_ksm() -> bool:
+    page = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        page[:8] = b"ksmtrace"  # faulted in: an anonymous page of our own
+        view = ctypes.c_char.from_buffer(page)
+        addr = ctypes.addressof(view)
+        del view  # an exported buffer would pin the mmap
+        try:
+            with open("/proc/self/pagemap", "rb", buffering=0) as f:
+                (entry,) = _u64s(os.pread(f.fileno(), 8, addr // PAGE_SIZE * 8))
+            pfn = entry & PM_PFN_MASK
+            if not entry & PM_PRESENT or not pfn:
+                return True
+            with open("/proc/kpageflags", "rb", buffering=0) as f:
+                (flags,) = _u64s(os.pread(f.fileno(), 8, pfn * 8))
+        except (OSError, ValueError):
+            return True
+        return not flags & KPF_KSM
+    finally:
+        page.close()
+
+
 class PageMap:
     """Pages of some areas of one process, stored compactly (one array entry
-    per page, not one object). Iterate for `PageInfo`s in address order."""
+    per page, not one object). Iterate for `PageInfo`s in address order.
+    `ksm_inferred`: this kernel's KPF_KSM is wrong, KSM pages were inferred
+    (see the module's docstring)."""
 
     def __init__(
         self,
@@ -202,8 +249,10 @@ class PageMap:
         pfns: array,
         mappers: array,
         flags: dict[int, int],
+        ksm_inferred: bool = False,
     ):
         self.pid = pid
+        self.ksm_inferred = ksm_inferred
         self.areas = tuple(areas)
         self._states = states  # index into _STATES per page
         self._pfns = pfns  # 0 when absent
@@ -332,11 +381,14 @@ def read_page_map(
     states = bytearray([_CODE[PageState.ABSENT]]) * len(entries)
     mappers = array("q", [-1]) * len(entries)
     ksm, zero, plain = _CODE[PageState.KSM], _CODE[PageState.ZERO], _CODE[PageState.PRESENT]
+    # a fixture tree was recorded on a kernel whose flags were checked
+    infer = files.root == Path("/") and not kpf_ksm_reliable()
     for i in present:
         pfn = pfns[i]
         f = flags[pfn]
         # The zero page check comes first: it is never a KSM page, and KSM's
         # use_zero_pages maps it instead of a KSM page.
-        states[i] = zero if f & KPF_ZERO_PAGE else ksm if f & KPF_KSM else plain
+        is_ksm = f & KPF_KSM and (not infer or counts[pfn] >= 2)
+        states[i] = zero if f & KPF_ZERO_PAGE else ksm if is_ksm else plain
         mappers[i] = counts[pfn]
-    return PageMap(pid, areas, bytes(states), pfns, mappers, flags)
+    return PageMap(pid, areas, bytes(states), pfns, mappers, flags, infer)

@@ -88,7 +88,9 @@ class PageMapScreen(SnapshotScreen):
         note.update(
             f"{len(got)} pages in {len(got.areas)} areas: KSM {c[PageState.KSM]}, "
             f"zero {c[PageState.ZERO]}, unmerged {c[PageState.PRESENT]}, "
-            f"not present {c[PageState.ABSENT]}   (sample {time.strftime('%H:%M:%S')})")
+            f"not present {c[PageState.ABSENT]}   (sample {time.strftime('%H:%M:%S')})"
+            + ("\nKSM pages inferred (anonymous and mapped twice or more): this kernel's "
+               "/proc/kpageflags marks every anonymous page KSM" if got.ksm_inferred else ""))
 
     def action_page_down(self) -> None:
         self.query_one(PageGrid).scroll_page_down()

@@ -24,10 +24,12 @@ from ksmtrace.kernel.pagemap import (
     KPF_ZERO_PAGE,
     PAGE_SIZE,
     PageState,
+    kpf_ksm_reliable,
     mergeable_areas,
     read_page_map,
 )
 from ksmtrace.kernel.sysfs import KsmKnobs, read_sysfs
+from ksmtrace.workload import Workload, WorkloadSpec
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(180)]
 
@@ -187,3 +189,24 @@ def test_vanished_process_is_no_process():
     with pytest.raises(NoProcess):
         read_page_map(p.pid)
     assert procfs.read_ksm_stat(p.pid) is None
+
+
+@pytest.mark.vm
+def test_written_pages_leave_the_ksm_pages(quiet_ksm):
+    """Pages written after merging are private again: the page map's KSM
+    pages equal ksm_stat's ksm_merging_pages and smaps' KSM on every kernel,
+    6.12 included, whose kpageflags marks every anonymous page KSM (there the
+    map infers them, and says so)."""
+    spec = WorkloadSpec(processes=2, pages=400, distinct=4)
+    with Workload(spec, drive_ksmd=True) as w:
+        w.wait_merged()
+        written = w.cow(0.25)
+        w.wait_expected()  # ksmd has noticed: ksm_merging_pages dropped
+        for pid in w.pids:
+            pm = read_page_map(pid)
+            stat = procfs.read_ksm_stat(pid)
+            got = (pm.ksm_pages, pm.counts[PageState.PRESENT])
+            assert got == (stat.ksm_merging_pages, written[pid]) == (300, 100)
+            smaps = procfs.read_smaps_rollup_ksm_bytes(pid)
+            assert smaps in (None, pm.ksm_pages * PAGE_SIZE)
+            assert pm.ksm_inferred == (not kpf_ksm_reliable())
