@@ -16,6 +16,7 @@ import time
 from prometheus_client.core import CollectorRegistry, Metric
 from prometheus_client.exposition import generate_latest
 
+from ksmtrace.export.encode import Families, openmetrics, plain, text
 from ksmtrace.export.metrics import DEFAULT_TOP, families
 from ksmtrace.model import Snapshot
 
@@ -32,13 +33,20 @@ class SnapshotCollector:
     def snapshot(self) -> Snapshot | None:
         return self._snapshot
 
-    def publish(self, snap: Snapshot, started: float | None = None) -> None:
+    def publish(self, snap: Snapshot, started: float | None = None, check: bool = False) -> None:
         """Make `snap` what scrapes see. `started`: perf_counter() when this
         cycle began (before the collector aggregated the tick), so the cycle
-        time reported next includes that work."""
+        time reported next includes that work. `check`: serialise it once in
+        each format first, so that a snapshot built from a bad recording
+        raises here (and the previous one stays) rather than in every scrape."""
         t0 = time.perf_counter() if started is None else started
+        fams = tuple(families(snap, self.top, self._last_cycle, self._cycles + 1))
+        if check:
+            if plain(fams):
+                text(fams), openmetrics(fams)
+            else:
+                generate_latest(Families(fams))
         self._cycles += 1
-        fams = tuple(families(snap, self.top, self._last_cycle, self._cycles))
         # one assignment: a scrape sees the old or the new families, whole
         self._current = (self._cycles, fams)
         self._snapshot = snap

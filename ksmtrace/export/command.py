@@ -3,8 +3,9 @@
 The tick loop (source -> collector -> snapshot) runs in the main thread, so
 Ctrl-C and SIGTERM unwind it like every other command (probes detached);
 the HTTP server answers scrapes from its own threads with the families of
-the newest snapshot. prometheus_client is imported only when the command
-runs: the rest of the CLI works without it.
+the newest snapshot (export.server: waitress, with limits on connections,
+request sizes and times). prometheus_client and waitress are imported only
+when the command runs: the rest of the CLI works without them.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import sys
 import time
 
 from ksmtrace import argtypes, session
-from ksmtrace.errors import KsmtraceError, UsageError
+from ksmtrace.errors import BadRecording, KsmtraceError, UsageError
 
 DEFAULT_PORT = 9949
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+# as in export.server (not imported here: the CLI must work without waitress)
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_IDLE_TIMEOUT = 120.0
 
 EPILOG = f"""\
 examples:
@@ -32,8 +36,13 @@ The exporter is read-only: it never writes a KSM knob. It binds to 127.0.0.1
 unless --listen says otherwise. Point Prometheus at it (deploy/prometheus.yml),
 load dashboards/ksmtrace-alerts.yml and import dashboards/ksmtrace.json in Grafana.
 Metric names and their node_exporter equivalents: README, section Metrics.
-"""
 
+Clients cannot exhaust it: connections cost no thread (one event loop, 4
+worker threads), at most --max-connections are open (at the limit the longest
+idle one is closed to admit a new one), a connection silent for --idle-timeout
+is closed, a request must arrive whole within 10 s and its headers fit in
+16 KiB (else 431), and SIGTERM or Ctrl-C stop it at once whatever the clients do.
+"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -54,11 +63,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=argtypes.count, default=20, metavar="N",
                    help="processes and cgroups exported one by one, the rest summed into "
                    "one 'other' series (default 20)")
+    p.add_argument("--max-connections", type=_connections, default=DEFAULT_MAX_CONNECTIONS,
+                   metavar="N",
+                   help="HTTP connections open at once (default %(default)s; lowered to fit the "
+                   "open-files limit, which is raised towards its hard limit if needed)")
+    p.add_argument("--idle-timeout", type=argtypes.seconds, default=DEFAULT_IDLE_TIMEOUT,
+                   metavar="S",
+                   help="close a connection after S seconds without traffic (default "
+                   f"{DEFAULT_IDLE_TIMEOUT:g}; keep it above Prometheus's scrape interval "
+                   "so its connection is reused)")
     p.add_argument("--replay", metavar="FILE",
                    help="serve the snapshots of a recording (at its pace), then its last one")
     p.add_argument("--speed", type=argtypes.factor, default=1.0, help=argparse.SUPPRESS)
     session.add_source_options(p)
     p.set_defaults(func=run)
+
+
+def _connections(text: str) -> int:
+    n = argtypes.count(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {text}")
+    return n
 
 
 def _validate(args: argparse.Namespace) -> tuple[str, int, int]:
@@ -82,6 +107,13 @@ def run(args: argparse.Namespace) -> int:
             "ksmtrace export needs the Python package prometheus-client",
             "install ksmtrace with pip (it depends on it), or "
             "`apt-get install python3-prometheus-client`") from None
+    try:
+        import waitress  # noqa: F401
+    except ImportError:
+        raise KsmtraceError(
+            "ksmtrace export needs the Python package waitress (its HTTP server)",
+            "install ksmtrace with pip (it depends on it), or "
+            "`apt-get install python3-waitress`") from None
     from ksmtrace.collector import Collector
     from ksmtrace.export.collector import make_registry
     from ksmtrace.export.server import MetricsServer
@@ -89,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     host, port, top = _validate(args)
     registry, exporter = make_registry(top)
     # bind before attaching anything: a busy port fails fast and cleanly
-    server = MetricsServer(registry, host, port, exporter)
+    server = MetricsServer(registry, host, port, exporter, max_connections=args.max_connections,
+                           idle_timeout=args.idle_timeout)
     try:
         if args.replay:
             from ksmtrace.sources.replay import ReplaySource
@@ -104,14 +137,43 @@ def run(args: argparse.Namespace) -> int:
             print(f"ksmtrace export: serving http://{server.address}/metrics "
                   f"(source: {src.kind}, every {args.interval:g} s, top {top}); "
                   "Ctrl-C stops", file=sys.stderr, flush=True)
-            for tick in src.ticks(args.interval):
-                t0 = time.perf_counter()
-                exporter.publish(col.add_tick(tick), t0)
-            if args.replay:
-                print("ksmtrace export: end of the recording; serving its last snapshot",
-                      file=sys.stderr, flush=True)
+            if not args.replay:
+                for tick in src.ticks(args.interval):
+                    t0 = time.perf_counter()
+                    exporter.publish(col.add_tick(tick), t0)
+            else:
+                if _replay(src, col, exporter, args.replay):
+                    print("ksmtrace export: end of the recording; serving its last snapshot",
+                          file=sys.stderr, flush=True)
                 while True:
                     time.sleep(3600)
     finally:
         server.close()
     return 0
+
+
+def _replay(src, col, exporter, path: str) -> bool:
+    """Publish the recording's ticks at its pace; True at its end. A corrupt
+    record (or a tick that cannot be served) ends the replay there (False):
+    the snapshots before it stay served and one line says where it stopped;
+    with none before it, BadRecording (exit 9)."""
+    from ksmtrace.cli import Terminated
+
+    n = 0
+    try:
+        for tick in src.ticks():
+            t0 = time.perf_counter()
+            try:
+                exporter.publish(col.add_tick(tick), t0, check=True)
+            except Terminated:
+                raise  # SIGTERM meanwhile: not a bad tick
+            except Exception as e:  # noqa: BLE001 - a tick record.py read but cannot be served
+                raise BadRecording(f"{path}: tick {n + 1} cannot be exported ({e!r})") from e
+            n += 1
+    except BadRecording as e:
+        if not n:
+            raise
+        print(f"ksmtrace export: {e.message}; replay stopped there, serving the snapshot of "
+              f"tick {n}", file=sys.stderr, flush=True)
+        return False
+    return True

@@ -15,6 +15,17 @@ from prometheus_client.utils import floatToGoString
 PLAIN_TYPES = {"counter", "gauge", "histogram"}
 
 
+class Families:
+    """One snapshot's families, as something prometheus_client's encoders
+    can collect."""
+
+    def __init__(self, fams):
+        self.fams = fams
+
+    def collect(self):
+        return iter(self.fams)
+
+
 def plain(fams) -> bool:
     return all(m.type in PLAIN_TYPES and not m.unit and all(
         s.timestamp is None and s.exemplar is None and s.native_histogram is None

@@ -706,14 +706,16 @@ def test_function_probe_panels_return_data_from_a_real_prometheus(facts, quiet_k
 def test_sysfs_only_as_nobody_on_the_default_localhost_bind(quiet_ksm, as_nobody):
     """Unprivileged, no --listen: it serves sysfs figures on 127.0.0.1:9949
     and on no other address."""
-    import prometheus_client
+    import importlib
 
     argv, env, dest = as_nobody
-    # Debian's python3 has no prometheus_client: give nobody the venv's copy
-    pkg = Path(prometheus_client.__file__).parent
-    shutil.copytree(pkg, dest / "prometheus_client", ignore=shutil.ignore_patterns("__pycache__"))
-    for p in [dest / "prometheus_client", *(dest / "prometheus_client").rglob("*")]:
-        p.chmod(0o755 if p.is_dir() else 0o644)
+    # Debian's python3 has none of the exporter's PyPI dependencies: give
+    # nobody the venv's copies
+    for name in ("prometheus_client", "waitress", "msgspec"):
+        pkg = Path(importlib.import_module(name).__file__).parent
+        shutil.copytree(pkg, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        for p in [dest / name, *(dest / name).rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
     with Workload(WorkloadSpec(processes=2, pages=500, distinct=5)) as w:
         w.wait_merged()
         with sysfs.KsmKnobs() as k:
