@@ -16,13 +16,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import IntEnum
 
-from ksmtrace.kernel.pagemap import PageMap
+from ksmtrace.kernel.pagemap import PAGE_SIZE, PageMap
 from ksmtrace.kernel.procfs import KsmStat, KsmVmstat
 from ksmtrace.kernel.sysfs import KsmSysfs
-
-PAGE_SIZE = 4096
-STAGES = ("searching", "merging", "counting", "updating")
-
 
 # --------------------------------------------------------------------------
 # Events: mirrors of bpf/ksmtrace.h

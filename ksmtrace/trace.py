@@ -10,7 +10,8 @@ from dataclasses import asdict
 
 from ksmtrace import argtypes, session
 from ksmtrace.kernel import procfs
-from ksmtrace.model import STAGES, CowKind, Event, EventKind, MergeKind, iter_events
+from ksmtrace.kernel.capabilities import STAGES
+from ksmtrace.model import CowKind, Event, EventKind, MergeKind, iter_events
 
 EPILOG = """\
 examples:

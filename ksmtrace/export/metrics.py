@@ -9,7 +9,6 @@ Pure formatting of immutable data: no kernel access, no clock, no state.
 from __future__ import annotations
 
 import errno as errno_mod
-import os
 import platform
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from prometheus_client.core import (
 from prometheus_client.samples import Sample
 
 from ksmtrace import __version__
+from ksmtrace.kernel.procfs import CLK_TCK
 from ksmtrace.model import MERGE_KIND_NAMES, PAGE_SIZE, ProcessRow, Snapshot
 
 PREFIX = "ksmtrace"
@@ -142,7 +142,6 @@ HISTOGRAM_METRICS = {
 LOW_SLOT, HIGH_SLOT = 9, 35
 BUCKET_BOUNDS = tuple((2 ** (k + 1)) / 1e9 for k in range(LOW_SLOT, HIGH_SLOT + 1))
 
-CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def _name(n: str) -> str:

@@ -20,10 +20,10 @@ demo, the kernel-tier tests and benchmarks, and as `ksmtrace workload`.
     cli       `ksmtrace workload`
 """
 
+from ksmtrace.kernel.pagemap import PAGE_SIZE
 from ksmtrace.workload.cli import add_cli, main, run_cli
 from ksmtrace.workload.contents import cow_marker, dup_content, new_nonce, page_content
 from ksmtrace.workload.model import (
-    PAGE,
     PAGE_STATES,
     Expectation,
     MergeTimeout,
@@ -38,7 +38,7 @@ from ksmtrace.workload.parent import Workload
 from ksmtrace.workload.reads import KsmUser, Measurement, other_ksm_users
 
 __all__ = [
-    "PAGE",
+    "PAGE_SIZE",
     "PAGE_STATES",
     "Expectation",
     "KsmUser",

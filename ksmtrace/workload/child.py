@@ -17,9 +17,10 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from ksmtrace.kernel.pagemap import PAGE_SIZE
 from ksmtrace.spawn import python_argv
 from ksmtrace.workload.contents import cow_marker, page_content
-from ksmtrace.workload.model import PAGE, PAGE_STATES, WorkloadError, WorkloadSpec
+from ksmtrace.workload.model import PAGE_STATES, WorkloadError, WorkloadSpec
 
 PR_SET_PDEATHSIG = 1
 PR_SET_MEMORY_MERGE = 67  # 6.4+: every present and future VMA of the mm is mergeable
@@ -86,7 +87,7 @@ class _Child:
 
     def setup(self) -> None:
         spec = self.spec
-        size = spec.region_pages * PAGE
+        size = spec.region_pages * PAGE_SIZE
         m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         # THP pages are not merged page by page (and Debian defaults THP to
         # always): force 4 KiB pages before the first touch.
@@ -110,7 +111,7 @@ class _Child:
         # Page by page, so each content is a short-lived 4 KiB object: no big
         # buffers (malloc'd by mmap) holding copies of our contents.
         for i in range(spec.region_pages):
-            m[i * PAGE : (i + 1) * PAGE] = page_content(spec, self.nonce, self.index, i)
+            m[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = page_content(spec, self.nonce, self.index, i)
         if spec.register == "madvise":
             m.madvise(mmap.MADV_MERGEABLE)
         self._unregister_others()
@@ -139,10 +140,10 @@ class _Child:
         if page in self.protnone:
             if self._mem is None:
                 self._mem = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
-            if os.pwrite(self._mem, data, self.addr + page * PAGE) != len(data):
+            if os.pwrite(self._mem, data, self.addr + page * PAGE_SIZE) != len(data):
                 raise OSError(f"short write to PROT_NONE page {page} via /proc/self/mem")
         else:
-            self.region[page * PAGE : page * PAGE + len(data)] = data
+            self.region[page * PAGE_SIZE : page * PAGE_SIZE + len(data)] = data
 
     def write(self, pages: list[int], generation: int) -> int:
         pid = os.getpid()
@@ -159,16 +160,16 @@ class _Child:
         assert self.region is not None
         for start, n in _runs(pages):
             if state == "protnone":
-                if self.libc.mprotect(self.addr + start * PAGE, n * PAGE, PROT_NONE) != 0:
+                if self.libc.mprotect(self.addr + start * PAGE_SIZE, n * PAGE_SIZE, PROT_NONE) != 0:
                     e = ctypes.get_errno()
                     raise OSError(e, f"mprotect(PROT_NONE): {os.strerror(e)}")
             elif state == "uffd_wp":
                 uffd = self._uffd_wp_registered()
                 # struct uffdio_writeprotect { range { start, len }, mode = MODE_WP }
-                arg = bytearray(struct.pack("QQQ", self.addr + start * PAGE, n * PAGE, 1))
+                arg = bytearray(struct.pack("QQQ", self.addr + start * PAGE_SIZE, n * PAGE_SIZE, 1))
                 fcntl.ioctl(uffd, UFFDIO_WRITEPROTECT, arg)
             elif state == "discard":
-                self.region.madvise(mmap.MADV_DONTNEED, start * PAGE, n * PAGE)
+                self.region.madvise(mmap.MADV_DONTNEED, start * PAGE_SIZE, n * PAGE_SIZE)
             else:
                 raise ValueError(f"unknown page state {state!r}: one of {', '.join(PAGE_STATES)}")
         if state == "protnone":

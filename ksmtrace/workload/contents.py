@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from ksmtrace.workload.model import PAGE, WorkloadSpec
+from ksmtrace.kernel.pagemap import PAGE_SIZE
+from ksmtrace.workload.model import WorkloadSpec
 
 # ---------------------------------------------------------------------------
 # Page contents (shared by parent and child; pure)
@@ -14,11 +15,11 @@ from ksmtrace.workload.model import PAGE, WorkloadSpec
 def dup_content(nonce: bytes, k: int) -> bytes:
     """Content k: a 16-byte unit repeated. The per-run nonce (top bit set, so
     never zero and never a COW marker) keeps two workloads from merging."""
-    return (nonce + k.to_bytes(8, "little")) * (PAGE // 16)
+    return (nonce + k.to_bytes(8, "little")) * (PAGE_SIZE // 16)
 
 
 def unique_content(nonce: bytes, proc: int, page: int) -> bytes:
-    return (nonce + ((1 << 62) | (proc << 32) | page).to_bytes(8, "little")) * (PAGE // 16)
+    return (nonce + ((1 << 62) | (proc << 32) | page).to_bytes(8, "little")) * (PAGE_SIZE // 16)
 
 
 def cow_marker(pid: int, page: int, generation: int) -> bytes:
@@ -32,7 +33,7 @@ def page_content(spec: WorkloadSpec, nonce: bytes, proc: int, page: int) -> byte
         return dup_content(nonce, page % spec.distinct)
     if page < spec.zero_start:
         return unique_content(nonce, proc, page)
-    return bytes(PAGE)
+    return bytes(PAGE_SIZE)
 
 
 def new_nonce() -> bytes:

@@ -5,14 +5,12 @@ a restore writes. No kernel, no processes: unit-tested as plain functions."""
 from __future__ import annotations
 
 import math
-import mmap
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from ksmtrace.errors import Exit, KsmtraceError
 
-PAGE = mmap.PAGESIZE
 MAX_PAGES_TO_SCAN = 100_000
 DEFAULT_TIMEOUT = 120.0
 

@@ -14,13 +14,13 @@ from typing import Any
 
 from ksmtrace.errors import NoKsm, no_ksm
 from ksmtrace.kernel import procfs
+from ksmtrace.kernel.pagemap import PAGE_SIZE
 from ksmtrace.kernel.sysfs import KsmKnobs, KsmSysfs, ksm_present, read_sysfs
 from ksmtrace.workload.child import ChildHandle
 from ksmtrace.workload.contents import new_nonce
 from ksmtrace.workload.model import (
     DEFAULT_TIMEOUT,
     MAX_PAGES_TO_SCAN,
-    PAGE,
     PAGE_STATES,
     Expectation,
     MergeTimeout,
@@ -114,7 +114,7 @@ class Workload:
     def regions(self) -> dict[int, tuple[int, int]]:
         """pid -> [start, end) of its region: the page map to read, which
         stays the same after unmerging (unlike its mergeable areas)."""
-        size = self.spec.region_pages * PAGE
+        size = self.spec.region_pages * PAGE_SIZE
         return {c.pid: (c.addr, c.addr + size) for c in self._children}
 
     def start(self) -> None:

@@ -29,7 +29,7 @@ from ksmtrace.kernel import capabilities as caps
 from ksmtrace.kernel import procfs
 from ksmtrace.kernel.pagemap import Area, read_page_map
 from ksmtrace.sources.live import LiveSource
-from ksmtrace.workload import PAGE, PAGE_STATES, Workload, WorkloadSpec
+from ksmtrace.workload import PAGE_SIZE, PAGE_STATES, Workload, WorkloadSpec
 
 pytestmark = [pytest.mark.kernel, pytest.mark.vm, pytest.mark.traced]
 
@@ -68,7 +68,7 @@ def ksm_mapped(w: Workload) -> dict[int, int]:
                     seen = True
                     if inside:
                         kb += int(line.split()[1])
-        out[pid] = kb * 1024 // PAGE if seen else read_page_map(pid, [Area(a, b)]).ksm_pages
+        out[pid] = kb * 1024 // PAGE_SIZE if seen else read_page_map(pid, [Area(a, b)]).ksm_pages
     return out
 
 

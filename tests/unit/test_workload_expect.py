@@ -225,11 +225,11 @@ def test_layout_and_contents():
     s = spec(2, 4, 2, unique_pages=2, zero_pages=1)
     nonce = w.new_nonce()
     pages = [w.page_content(s, nonce, 0, i) for i in range(s.region_pages)]
-    assert all(len(p) == w.PAGE for p in pages)
+    assert all(len(p) == w.PAGE_SIZE for p in pages)
     assert pages[0] == pages[2] != pages[1] == pages[3]
     assert pages[4] != pages[5] and pages[4] not in pages[:4]
     assert w.page_content(s, nonce, 1, 4) != pages[4]  # unique per process
-    assert pages[6] == bytes(w.PAGE)
+    assert pages[6] == bytes(w.PAGE_SIZE)
     assert all(any(p) for p in pages[:6])
     assert w.dup_content(nonce, 0) != w.dup_content(w.new_nonce(), 0)  # runs never merge
     marker = w.cow_marker(1, 2, 3)
