@@ -55,6 +55,18 @@ Format, version 2. All integers little-endian.
     reading turns them back into ints, lists back into tuples, so every tick
     reads back equal (==) to the tick that was written.
 
+The JSON parts follow one schema (ksmtrace/recschema.py), decoded strictly:
+each field of the type and in the range written above (counters >= 0,
+finite times, pids within PID_MAX_LIMIT, histogram slots 0-63, ...); the
+tick and END objects have no other keys. Each event's kind is a known
+`model.EventKind`. Tick numbers ("seq") increase from record to record and
+"mono" never goes back; END counts the ticks and events before it.
+
+Limits: a record's payload is at most MAX_RECORD (256 MiB); a JSON part
+(the header, a tick's JSON, END) at most MAX_JSON (32 MiB). A length is
+checked against these and against the file's size before anything is read,
+and the reader holds one record at a time.
+
 Streaming: the recorder writes each tick as one record and flushes it (with
 SIGINT/SIGTERM held back meanwhile), so a recorder killed even by SIGKILL
 leaves a file readable up to its last complete tick. A file that ends inside
@@ -64,10 +76,14 @@ an error.
 
 Anything else that does not parse is a corrupt recording, `BadRecording`
 (exit 9, one line) saying what is wrong and at which byte offset: bad magic,
-unknown version, a head or payload CRC mismatch, an unknown record kind,
-records out of order (no header first, a second header, data after END),
-JSON that does not decode or does not describe a tick, an event blob that is
-not a whole number of events.
+unknown version, a head or payload CRC mismatch, an unknown record kind, a
+length over the limits, records out of order (no header first, a second
+header, data after END), JSON that does not decode or does not fit the
+schema (the message names the field, as `$.ksm.pages_shared`), an event blob
+that is not a whole number of events or has an event of an unknown kind,
+ticks out of order, an END whose counts are not the file's. So is a file
+that cannot be read (an I/O error) or is not a regular file (a FIFO, a
+device: refused before any read, so a FIFO never blocks the reader).
 
 A new version is needed for any change a version-2 reader would misread;
 readers refuse other versions rather than guess.
@@ -87,23 +103,15 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, astuple
-from typing import IO, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 from ksmtrace import __version__
-from ksmtrace.errors import BadRecording
-from ksmtrace.kernel.procfs import KsmStat, KsmVmstat
-from ksmtrace.kernel.sysfs import KsmSysfs
-from ksmtrace.model import (
-    EVENT_SIZE,
-    BpfTotals,
-    CounterSample,
-    MmStats,
-    ProbeStatus,
-    ProcessSample,
-    ProgramCost,
-    Tick,
-)
+from ksmtrace.errors import BadRecording, KsmtraceError
+from ksmtrace.model import EVENT_SIZE, EventKind, MmStats, ProbeStatus, Tick
 from ksmtrace.outfile import open_output
+
+if TYPE_CHECKING:
+    from ksmtrace import recschema
 
 MAGIC = b"KSMTRACE-REC\n"
 VERSION = 2
@@ -114,6 +122,11 @@ _HEAD = struct.Struct("<BIII")  # kind, length, crc(payload), crc(first 9 bytes)
 _HEAD_CRC_SPAN = 9
 _U32 = struct.Struct("<I")
 DATA_START = len(MAGIC) + _PREAMBLE.size  # offset of the first record
+MAX_RECORD = 256 * 2**20  # largest payload read (a tick: its JSON and events)
+MAX_JSON = 32 * 2**20  # largest JSON part: header, END, a tick's JSON
+_DESCRIBES = {"header": "a recording header", "tick": "a tick", "end": "a recording's end"}
+_KIND_AT = 52  # struct ksm_event's u16 kind (model.EVENT_STRUCT)
+_EVENT_KINDS = bytes(sorted(EventKind))  # every kind fits in its low byte
 
 
 # ---------------------------------------------------------------- encoding
@@ -151,34 +164,10 @@ def _mm_to_json(s: MmStats) -> list[Any]:
     return [list(v) if isinstance(v, tuple) else v for v in astuple(s)]
 
 
-def _mm_from_json(v: list[Any]) -> MmStats:
-    merges, failures, cow, wp_faults, unshares, rmap_removed = v
-    return MmStats(tuple(merges), failures, tuple(cow), wp_faults, unshares, rmap_removed)
-
-
 def tick_from_json(d: dict[str, Any], events: bytes) -> Tick:
-    """Inverse of `tick_to_json`; raises KeyError/TypeError/ValueError on a
-    JSON object that is not a tick."""
-    procs = tuple(ProcessSample(pid, comm, cgroup, KsmStat(**st))
-                  for pid, comm, cgroup, st in d["processes"])
-    c = CounterSample(d["mono"], d["wall"], KsmSysfs(**d["ksm"]), KsmVmstat(**d["vmstat"]),
-                      procs, d.get("ksmd_cpu_ticks"))
-    bpf = None
-    b = d.get("bpf")
-    if b is not None:
-        bpf = BpfTotals(
-            counters=dict(b["counters"]),
-            hist={h: {int(slot): n for slot, n in s.items()} for h, s in b["hist"].items()},
-            errors=dict(b["errors"]),
-            mms={int(mm): _mm_from_json(v) for mm, v in b["mms"].items()},
-            exited={int(mm): _mm_from_json(v) for mm, v in b["exited"].items()},
-            owners={int(mm): pid for mm, pid in b["owners"].items()},
-            perf_lost=b["perf_lost"],
-            comms={int(pid): comm for pid, comm in b["comms"].items()},
-            programs=tuple(ProgramCost(str(name), int(ns), int(n))
-                           for name, ns, n in b.get("programs", ())),
-        )
-    return Tick(d["seq"], c, bpf, events)
+    """Inverse of `tick_to_json` (a written tick reads back equal); raises
+    recschema.SchemaError (a ValueError) on a dict that is not a tick."""
+    return _schema().tick_from_dict(d, events)
 
 
 def encode_record(kind: int, payload: bytes) -> bytes:
@@ -197,8 +186,7 @@ def probe_to_json(p: ProbeStatus) -> dict[str, Any]:
 
 
 def probe_from_json(d: dict[str, Any]) -> ProbeStatus:
-    return ProbeStatus(d["probe"], d["stage"], d["method"], tuple(d["targets"]),
-                       d["attached"], d["estimated"], d.get("error"))
+    return _schema().probe_from_dict(d)
 
 
 # ------------------------------------------------------------------ writing
@@ -275,63 +263,127 @@ class Recorder:
 
 
 # ------------------------------------------------------------------ reading
+def _schema():
+    """ksmtrace.recschema, imported when a recording is read: msgspec is
+    needed for that, not to start the CLI (a bare Debian python3 runs the
+    commands that need nothing else, as export says what it misses)."""
+    try:
+        from ksmtrace import recschema
+    except ImportError as e:
+        if e.name != "msgspec":
+            raise
+        raise KsmtraceError("reading a recording needs the Python package msgspec",
+                            "install ksmtrace with pip (it depends on it), or "
+                            "`pip install msgspec`") from None
+    return recschema
+
+
+class _Cut(Exception):
+    """The file ends inside the record at `offset` (internal)."""
+
+    def __init__(self, offset: int):
+        self.offset = offset
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _unknown_kind(events: bytes) -> str:
+    for i in range(len(events) // EVENT_SIZE):
+        at = i * EVENT_SIZE + _KIND_AT
+        k = int.from_bytes(events[at:at + 2], "little")
+        if k not in EventKind._value2member_map_:
+            return f"tick event {i} has unknown kind {k}"
+    raise AssertionError("no unknown kind")
+
+
 class Recording:
     """A recording opened for reading: `header` at once, `ticks()` lazily.
 
-    Read record by record with positional reads: memory stays at one tick
-    whatever the file's size, several `ticks()` iterations may run at once,
-    and a file that grows meanwhile (a recorder still writing) is read as far
-    as it goes. (Not mmap: a file truncated under a mapping kills the reader
-    with SIGBUS.) Each tick's events are one bytes object, decoded only if
-    asked (`model.iter_events`). `truncated` says the file ended inside a
-    record (dropped, with one warning to `warn`); `end` is the END record's
-    JSON, or None if the recorder did not close the file (known once
-    `ticks()` has run to the end).
+    Read record by record with positional reads: memory stays at one record
+    (at most MAX_RECORD bytes) whatever the file's size, several `ticks()`
+    iterations may run at once, and a file that grows meanwhile (a recorder
+    still writing) is read as far as it goes. (Not mmap: a file truncated
+    under a mapping kills the reader with SIGBUS.) Each tick's events are one
+    bytes object, decoded only if asked (`model.iter_events`). `truncated`
+    says the file ended inside a record (dropped, with one warning to `warn`,
+    `cut_warning()`); `end` is the END record's JSON, or None if the recorder
+    did not close the file (known once `ticks()` has run to the end).
     """
 
     def __init__(self, path: str | os.PathLike, warn: IO[str] | None = sys.stderr):
         self.path = os.fspath(path)
         self.warn = warn
         self.truncated = False
+        self.cut_at: int | None = None
         self.end: dict[str, Any] | None = None
+        self._size = 0
+        self._fd = -1
+        self._rs = _schema()
         self._fd = self._open()
         try:
             self.version = self._preamble()
-            kind, payload, at, self._first_tick = self._next(DATA_START)
-            if kind != HEADER or payload is None:
-                raise self._bad("no header record", DATA_START)
-            self.header: dict[str, Any] = self._json(payload, at, "header")
+            self._read_header()
         except BaseException:
             self.close()
             raise
 
     # -- opening ------------------------------------------------------------
     def _open(self) -> int:
+        """Opened only if it is a regular file, without blocking (a FIFO
+        would wait for a writer), O_NONBLOCK cleared after the check."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            if not stat.S_ISREG(mode := os.stat(self.path).st_mode):
+                raise BadRecording(f"{self.path} is {_file_type(mode)}, not a recording")
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         except FileNotFoundError as e:
             raise BadRecording(f"no recording at {self.path}: no such file") from e
         except PermissionError as e:
             raise BadRecording(f"{self.path}: permission denied") from e
         except OSError as e:
             raise BadRecording(f"{self.path}: cannot open: {e.strerror}") from e
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):  # replaced between stat and open
+                raise BadRecording(f"{self.path} is {_file_type(mode)}, not a recording")
+            os.set_blocking(fd, True)
+        except OSError as e:
             os.close(fd)
-            what = "a directory" if os.path.isdir(self.path) else "not a regular file"
-            raise BadRecording(f"{self.path} is {what}, not a recording")
+            raise BadRecording(f"{self.path}: cannot open: {e.strerror}") from e
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def _read(self, offset: int, n: int) -> bytes:
         """Up to n bytes at offset (fewer only at the end of the file)."""
         chunks = []
-        while n > 0:
-            b = os.pread(self._fd, n, offset)
-            if not b:
-                break
-            chunks.append(b)
-            offset += len(b)
-            n -= len(b)
+        try:
+            while n > 0:
+                b = os.pread(self._fd, n, offset)
+                if not b:
+                    break
+                chunks.append(b)
+                offset += len(b)
+                n -= len(b)
+        except OSError as e:
+            raise self._bad(f"cannot read it ({e.strerror})", offset) from e
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _fits(self, end: int) -> bool:
+        """Whether the file (as it is now: it may be growing) reaches `end`."""
+        if end > self._size:
+            try:
+                self._size = os.fstat(self._fd).st_size
+            except OSError as e:
+                raise self._bad(f"cannot read it ({e.strerror})", self._size) from e
+        return end <= self._size
 
     def _preamble(self) -> int:
         pre = self._read(0, DATA_START)
@@ -346,6 +398,21 @@ class Recording:
                 f"{self.path}: recording format version {version} (byte offset {len(MAGIC)}) "
                 f"is not supported: this ksmtrace {__version__} reads version {VERSION}")
         return version
+
+    def _read_header(self) -> None:
+        try:
+            head = self._head(DATA_START)
+            if head is None or head[0] != HEADER:
+                raise self._bad("no header record", DATA_START)
+            payload = self._payload(DATA_START, head)
+        except _Cut as e:
+            raise self._bad("file ends inside the header record", e.offset) from None
+        self._first_tick = DATA_START + _HEAD.size + len(payload)
+        try:
+            self.header, h = self._rs.header(payload)
+        except self._rs.SchemaError as e:
+            raise self._schema(e, "header", DATA_START) from None
+        self._probes = tuple(self._rs.probe(p) for p in h.probes)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -362,81 +429,134 @@ class Recording:
     def _bad(self, what: str, offset: int) -> BadRecording:
         return BadRecording(f"{self.path}: corrupt recording: {what} at byte offset {offset}")
 
-    def _cut(self, offset: int) -> None:
-        if not self.truncated and self.warn is not None:
-            print(f"ksmtrace: warning: {self.path} ends inside a record at byte offset "
-                  f"{offset} (the recorder was killed?): that record is dropped, the "
-                  "ticks before it are read", file=self.warn)
-        self.truncated = True
+    def _schema(self, e: recschema.SchemaError, what: str, offset: int) -> BadRecording:
+        if e.kind == "undecodable":
+            return self._bad(f"undecodable {what} record ({e})", offset)
+        if e.kind == "not_object":
+            return self._bad(f"{what} record is not a JSON object", offset)
+        return self._bad(f"{what} record does not describe {_DESCRIBES[what]} ({e})", offset)
 
-    def _next(self, pos: int) -> tuple[int | None, bytes | None, int, int]:
-        """(kind, payload, pos, next pos); kind None at the end of the file,
-        clean or cut off inside a record."""
+    def cut_warning(self) -> str | None:
+        """The warning for a file that ends inside a record, or None."""
+        if self.cut_at is None:
+            return None
+        return (f"ksmtrace: warning: {self.path} ends inside a record at byte offset "
+                f"{self.cut_at} (the recorder was killed?): that record is dropped, the "
+                "ticks before it are read")
+
+    def _cut(self, offset: int) -> None:
+        first = self.cut_at is None
+        self.truncated, self.cut_at = True, offset
+        if first and self.warn is not None:
+            print(self.cut_warning(), file=self.warn)
+
+    def _head(self, pos: int) -> tuple[int, int, int] | None:
+        """(kind, length, crc) of the record at pos, its length checked against
+        MAX_RECORD and the file's size before anything is read; None at the
+        end of the file; _Cut if the file ends inside the record."""
         head = self._read(pos, _HEAD.size)
         if not head:
-            return None, None, pos, pos
+            return None
         if len(head) < _HEAD.size:
-            self._cut(pos)
-            return None, None, pos, pos
+            raise _Cut(pos)
         kind, length, crc, head_crc = _HEAD.unpack(head)
         if zlib.crc32(head[:_HEAD_CRC_SPAN]) != head_crc:
             raise self._bad("record head checksum mismatch", pos)
         if kind not in KIND_NAMES:
             raise self._bad(f"unknown record kind {kind}", pos)
+        limit = MAX_RECORD if kind == TICK else MAX_JSON
+        if length > limit:
+            raise self._bad(f"{KIND_NAMES[kind]} record of {length} bytes (the limit is "
+                            f"{limit >> 20} MiB)", pos)
+        if not self._fits(pos + _HEAD.size + length):
+            raise _Cut(pos)
+        return kind, length, crc
+
+    def _payload(self, pos: int, head: tuple[int, int, int]) -> bytes:
+        kind, length, crc = head
         payload = self._read(pos + _HEAD.size, length)
-        if len(payload) < length:
-            self._cut(pos)
-            return None, None, pos, pos
+        if len(payload) < length:  # the file shrank meanwhile
+            raise _Cut(pos)
         if zlib.crc32(payload) != crc:
             raise self._bad(f"{KIND_NAMES[kind]} record checksum mismatch", pos)
-        return kind, payload, pos, pos + _HEAD.size + length
+        return payload
 
-    def _json(self, payload: bytes, offset: int, what: str) -> Any:
-        try:
-            d = json.loads(payload)
-        except (UnicodeDecodeError, ValueError) as e:
-            raise self._bad(f"undecodable {what} record ({e})", offset) from e
-        if not isinstance(d, dict):
-            raise self._bad(f"{what} record is not a JSON object", offset)
-        return d
-
-    def _tick(self, payload: bytes, offset: int) -> Tick:
-        if len(payload) < _U32.size:
-            raise self._bad("tick record too short", offset)
-        (jlen,) = _U32.unpack_from(payload)
-        js_end = _U32.size + jlen
-        if js_end > len(payload):
-            raise self._bad(f"tick JSON length {jlen} exceeds its record", offset)
-        events = payload[js_end:]
+    def _tick(self, pos: int, length: int, crc: int) -> Tick:
+        """The tick record at pos, read in two parts (JSON, events) so that
+        the record is never copied whole."""
+        at = pos + _HEAD.size
+        if length < _U32.size:
+            self._payload(pos, (TICK, length, crc))
+            raise self._bad("tick record too short", pos)
+        jl = self._read(at, _U32.size)
+        (jlen,) = _U32.unpack(jl)
+        rest = length - _U32.size
+        js = self._read(at + _U32.size, min(jlen, rest))
+        events = self._read(at + _U32.size + jlen, rest - jlen) if jlen <= rest else b""
+        if len(jl) + len(js) + len(events) < length:  # the file shrank meanwhile
+            raise _Cut(pos)
+        if zlib.crc32(events, zlib.crc32(js, zlib.crc32(jl))) != crc:
+            raise self._bad("tick record checksum mismatch", pos)
+        if jlen > rest:
+            raise self._bad(f"tick JSON length {jlen} exceeds its record", pos)
+        if jlen > MAX_JSON:
+            raise self._bad(f"tick JSON of {jlen} bytes (the limit is {MAX_JSON >> 20} MiB)", pos)
         if len(events) % EVENT_SIZE:
             raise self._bad(f"tick events ({len(events)} bytes) are not a whole number of "
-                            f"{EVENT_SIZE}-byte events", offset)
-        d = self._json(payload[_U32.size:js_end], offset, "tick")
+                            f"{EVENT_SIZE}-byte events", pos)
+        if events[_KIND_AT::EVENT_SIZE].translate(None, _EVENT_KINDS) \
+                or events[_KIND_AT + 1::EVENT_SIZE].strip(b"\0"):
+            raise self._bad(_unknown_kind(events), pos)
         try:
-            return tick_from_json(d, events)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise self._bad(f"tick record does not describe a tick ({e!r})", offset) from e
+            t = self._rs.tick_struct(js)
+        except self._rs.SchemaError as e:
+            raise self._schema(e, "tick", pos) from None
+        return self._rs.tick_from_struct(t, events)
 
     def ticks(self) -> Iterator[Tick]:
-        """The recorded ticks, in order (can be called again to re-read)."""
+        """The recorded ticks, in order (can be called again to re-read).
+        Tick numbers must increase and times never go back; END must count
+        the ticks and events read."""
         pos = self._first_tick
-        while True:
-            kind, payload, at, pos = self._next(pos)
-            if kind is None or payload is None:
-                return
-            if kind == TICK:
-                yield self._tick(payload, at)
-            elif kind == END:
-                self.end = self._json(payload, at, "end")
-                if self._read(pos, 1):
-                    raise self._bad("data after the end record", pos)
-                return
-            else:
-                raise self._bad("a second header record", at)
+        seq = mono = None
+        n_ticks = n_events = 0
+        try:
+            while True:
+                head = self._head(pos)
+                if head is None:
+                    return
+                kind, length, crc = head
+                at, pos = pos, pos + _HEAD.size + length
+                if kind == TICK:
+                    t = self._tick(at, length, crc)
+                    if seq is not None and t.seq <= seq:
+                        raise self._bad(f"tick {t.seq} follows tick {seq} (tick numbers "
+                                        "must increase)", at)
+                    if mono is not None and t.counters.mono < mono:
+                        raise self._bad(f"tick {t.seq} is {mono - t.counters.mono:.6f} s "
+                                        f"older than tick {seq} before it", at)
+                    seq, mono = t.seq, t.counters.mono
+                    n_ticks += 1
+                    n_events += len(t.events) // EVENT_SIZE
+                    yield t
+                elif kind == END:
+                    try:
+                        end = self._rs.end(self._payload(at, head))
+                    except self._rs.SchemaError as e:
+                        raise self._schema(e, "end", at) from None
+                    if (end["ticks"], end["events"]) != (n_ticks, n_events):
+                        raise self._bad(f"the end record counts {end['ticks']} ticks and "
+                                        f"{end['events']} events, the recording holds "
+                                        f"{n_ticks} and {n_events}", at)
+                    if self._read(pos, 1):
+                        raise self._bad("data after the end record", pos)
+                    self.end = end
+                    return
+                else:
+                    raise self._bad("a second header record", at)
+        except _Cut as e:
+            self._cut(e.offset)
 
     @property
     def probes(self) -> tuple[ProbeStatus, ...]:
-        try:
-            return tuple(probe_from_json(p) for p in self.header.get("probes", ()))
-        except (KeyError, TypeError) as e:
-            raise self._bad(f"header has malformed probe statuses ({e!r})", DATA_START) from e
+        return self._probes

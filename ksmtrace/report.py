@@ -177,15 +177,21 @@ def replay(path: str) -> Replayed:
     first = last = None
     n = 0
     kinds: dict[int, int] = {}
-    with ReplaySource(path) as src:
+    # a cut-off end is warned about after reading: one inside the first tick is an error
+    with ReplaySource(path, warn=None) as src:
         col = Collector(src.kind, src.probes, src.notes, src.cow_estimated)
         for tick in src.ticks():
             last = col.add_tick(tick)  # snapshots are totals since start: keep two
             first = first or last
             n += 1
             count_kinds(tick.events, kinds)
+    rec = src.recording
     if first is None or last is None:
-        raise BadRecording(f"{path} holds no complete tick: record for at least one interval")
+        cut = "" if rec.cut_at is None else f" (it ends inside one at byte offset {rec.cut_at})"
+        raise BadRecording(f"{path} holds no complete tick{cut}: record for at least one "
+                           "interval")
+    if (warning := rec.cut_warning()) is not None:
+        print(warning, file=sys.stderr)
     by_kind = {(EventKind(k).name.lower() if k in EventKind._value2member_map_ else str(k)): c
                for k, c in sorted(kinds.items())}
     return Replayed(src, first, last, n, by_kind)

@@ -118,7 +118,8 @@ def test_a_synthetic_tick_round_trips(tmp_path, fixture_ticks):
                     {0xFFFF8882: MmStats()}, {0xFFFF8881: 42}, perf_lost=5, comms={42: "qemu"},
                     programs=(ProgramCost("ksm:ksm_merge_with_ksm_page", 812345, 30000),
                               ProgramCost("kp_cow", 0, 0)))
-    tick = Tick(99, dataclasses.replace(t.counters, ksm=ksm), bpf, t.events or bytes(EVENT_SIZE))
+    an_event = next(t.events[:EVENT_SIZE] for t in fixture_ticks if t.events)
+    tick = Tick(99, dataclasses.replace(t.counters, ksm=ksm), bpf, t.events or an_event)
     no_bpf = Tick(100, t.counters, None, b"")
     p = tmp_path / "s.ksmrec"
     with Recorder(p, {}) as w:
@@ -171,16 +172,23 @@ def test_replay_speed_paces_by_recorded_time(fixture_ticks):
         ReplaySource(FIX, speed=0)
 
 
-# A child that records the fixture's ticks in a loop while the test sends it
-# Ctrl-Cs; each KeyboardInterrupt is caught and the loop goes on, until SIGUSR1.
+# A child that records the fixture's ticks in a loop (renumbered, later each
+# pass: a reader refuses repeated tick numbers and times going back) while the
+# test sends it Ctrl-Cs; each KeyboardInterrupt is caught and the loop goes
+# on, until SIGUSR1.
 _WRITER = """
-import mmap, signal, struct, sys
+import dataclasses, mmap, signal, struct, sys
 from ksmtrace.record import Recorder, Recording
 signal.signal(signal.SIGINT, signal.default_int_handler)
 stop = []
 signal.signal(signal.SIGUSR1, lambda *a: stop.append(1))
 with Recording(sys.argv[1]) as r:
-    ticks = list(r.ticks())
+    fixture = list(r.ticks())
+def tick(k):  # the k-th tick written: w.ticks, counted with the write itself
+    n, i = divmod(k, len(fixture))
+    t = fixture[i]
+    return dataclasses.replace(t, seq=t.seq + 1000 * n, counters=dataclasses.replace(
+        t.counters, mono=t.counters.mono + 1000 * n))
 with open(sys.argv[3], "r+b") as f:
     shown = mmap.mmap(f.fileno(), 8)  # the hit count, for the test to pace itself
 hits = 0
@@ -195,8 +203,7 @@ while not stop:
             ready = True
             print("ready", flush=True)
         while not stop:
-            for t in ticks:
-                w.write(t)
+            w.write(tick(w.ticks))
     except KeyboardInterrupt:
         hits += 1
 w.close()
