@@ -156,7 +156,8 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
         type=argtypes.seconds,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
-        help=f"give up waiting for ksmd after this long, per phase (default {DEFAULT_TIMEOUT:g})",
+        help="give up waiting for ksmd when its figures have not changed for this long "
+        f"(default {DEFAULT_TIMEOUT:g})",
     )
     phases = p.add_argument_group("phases")
     phases.add_argument(

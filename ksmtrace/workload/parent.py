@@ -312,12 +312,15 @@ class Workload:
         """Wait until every child's ksm_stat and (with `exact_global`) the
         global sysfs deltas equal `expected()`, stable across two full scans.
         Without `exact_global` only the children's own figures count: other
-        KSM users (VMs) cannot disturb those, so a demo never stalls."""
+        KSM users (VMs) cannot disturb those, so a demo never stalls.
+        `timeout` is how long the figures may stay unchanged: a loaded host
+        slows ksmd down, and the deadline follows its work, not a guess."""
         exp = self.expected()
         if self.baseline is None:
             raise WorkloadError("the workload has not been started")
         deadline = time.monotonic() + timeout
         stable_from: int | None = None  # full_scans when the figures first matched
+        figures: tuple | None = None
         total = sum(exp.merging_pages) + sum(exp.zero_pages)
         last_progress = 0.0
         clock: ScanClock | None = None
@@ -345,6 +348,10 @@ class Workload:
                 last_progress = now
             if (stop is not None and stop.is_set()) or self._stopping.is_set():
                 return m
+            now_figures = (m.pages_shared, m.pages_sharing, m.ksm_zero_pages,
+                           m.merging_pages, m.zero_pages)
+            if now_figures != figures:
+                figures, deadline = now_figures, now + timeout
             if now > deadline:
                 raise self._timeout(phase, timeout, exp, m)
             time.sleep(0.01)
@@ -359,7 +366,8 @@ class Workload:
             else "ksmd may be scanning too slowly: use --drive-ksmd or a longer --timeout"
         )
         return MergeTimeout(
-            f"ksmd did not reach the predicted figures in {timeout:g} s ({phase}): "
+            f"ksmd did not reach the predicted figures ({phase}; nothing changed for "
+            f"{timeout:g} s): "
             f"pages_shared {m.pages_shared:+d} (expected {e.pages_shared:+d}), "
             f"pages_sharing {m.pages_sharing:+d} (expected {e.pages_sharing:+d}), "
             f"ksm_zero_pages {signed(m.ksm_zero_pages)} (expected {e.ksm_zero_pages:+d}), "

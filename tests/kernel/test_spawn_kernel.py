@@ -57,13 +57,16 @@ def test_control_plain_python_m_runs_the_plant(planted):
     [
         ("doctor", "--json"),  # the capability trial
         ("stat", "0.2", "1"),  # a live command: trial, then bcc
+        ("trace", "--duration", "0.5"),
+        ("record", "-o", "{tmp}/x.ksmrec", "--duration", "0.4", "0.2"),
         ("workload", "-n", "2", "-p", "20", "-d", "2"),  # the workload children
+        ("stat", "--demo", "0.5", "2"),  # the demo's workload children
     ],
-    ids=["doctor", "stat", "workload"],
+    ids=["doctor", "stat", "trace", "record", "workload", "demo"],
 )
-def test_children_never_import_from_the_working_directory(planted, quiet_ksm, argv):
+def test_children_never_import_from_the_working_directory(planted, quiet_ksm, argv, tmp_path):
     cwd, marker = planted
-    r = run(cwd, *argv)
+    r = run(cwd, *(a.format(tmp=tmp_path) for a in argv))
     assert r.returncode == 0, r.stderr[-2000:]
     assert not marker.exists(), f"planted code ran as root: {marker.read_text()}"
 
