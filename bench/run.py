@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", default=str(BENCH / "RESULTS.md"),
                    help="where to write the results (default bench/RESULTS.md)")
     args = p.parse_args(argv)
+    from ksmtrace import signals
+
+    signals.install()  # Ctrl-C and SIGTERM unwind: workloads end, knobs are put back
     m = machine()
     rows: list[dict] = []
     times: dict[str, float] = {}

@@ -7,11 +7,11 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import signal
 import sys
 
-from ksmtrace import __version__, argtypes
+from ksmtrace import __version__, argtypes, signals
 from ksmtrace.errors import Exit, KsmtraceError
+from ksmtrace.signals import Terminated
 
 DESCRIPTION = """\
 ksmtrace: see what Linux Kernel Samepage Merging (KSM) does, stage by stage:
@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C and SIGTERM unwind the with-blocks (probes detached, knobs
     # restored, recordings closed), even when started from a script that
     # ignores SIGINT for background jobs.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
+    signals.install()
     try:
         rc = int(args.func(args) or 0)
         sys.stdout.flush()  # a full disk is reported here, not at exit
@@ -75,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ksmtrace: interrupted", file=sys.stderr)
         return int(Exit.INTERRUPTED)
-    except Terminated:
+    except Terminated as e:
         print("ksmtrace: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        return int(e.code)
     except BrokenPipeError:
         # `ksmtrace stat | head`: the reader went away; that is not an error.
         sys.stderr.close()
@@ -94,14 +93,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _OUTPUT_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
-
-
-class Terminated(Exception):
-    pass
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
 
 
 if __name__ == "__main__":

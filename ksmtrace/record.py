@@ -93,15 +93,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import struct
 import sys
-import threading
 import time
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, astuple
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
@@ -109,6 +106,7 @@ from ksmtrace import __version__
 from ksmtrace.errors import BadRecording, KsmtraceError
 from ksmtrace.model import EVENT_SIZE, EventKind, MmStats, ProbeStatus, Tick
 from ksmtrace.outfile import open_output
+from ksmtrace.signals import held
 
 if TYPE_CHECKING:
     from ksmtrace import recschema
@@ -190,26 +188,6 @@ def probe_from_json(d: dict[str, Any]) -> ProbeStatus:
 
 
 # ------------------------------------------------------------------ writing
-@contextmanager
-def signals_held() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back for the block (main thread only), so Ctrl-C
-    never cuts a record in half; the handler runs right after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    # The mask is read before it is changed, and changed inside the try: a
-    # Ctrl-C that arrived just before the block raises at the first bytecode
-    # after a call, and had it been raised between blocking and `try`, the
-    # signals would have stayed blocked for good and Ctrl-C done nothing
-    # (seen in tests/unit/test_record.py under load).
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, ())
-    try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 class Recorder:
     """Writes a recording. The header is written at once; each `write(tick)`
     is one record, flushed; `close()` writes END. A context manager."""
@@ -220,7 +198,7 @@ class Recorder:
         self.events = 0
         self._f: BinaryIO | None = open_output(self.path)  # private: holds kernel addresses
         head = {"format": VERSION, "ksmtrace": __version__, **header}
-        with signals_held():
+        with held():
             self._put(MAGIC + _PREAMBLE.pack(VERSION)
                       + encode_record(HEADER, json.dumps(head, default=str).encode()))
 
@@ -234,7 +212,7 @@ class Recorder:
     def write(self, tick: Tick) -> None:
         data = encode_tick(tick)
         # counted in the same held block, so END's counts match the records
-        with signals_held():
+        with held():
             self._put(data)
             self.ticks += 1
             self.events += len(tick.events) // EVENT_SIZE
@@ -248,7 +226,7 @@ class Recorder:
             return
         end = {"ticks": self.ticks, "events": self.events,
                "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        with signals_held():
+        with held():
             try:
                 self._put(encode_record(END, json.dumps(end).encode()))
             finally:

@@ -12,6 +12,7 @@ import errno as errno_mod
 import json
 import os
 import platform
+import signal
 import socket
 import sys
 import time
@@ -32,6 +33,7 @@ from ksmtrace.model import (
 )
 from ksmtrace.outfile import open_output
 from ksmtrace.record import Recorder, probe_to_json
+from ksmtrace.signals import Terminated
 from ksmtrace.sources.replay import ReplaySource
 
 EPILOG = """\
@@ -113,8 +115,6 @@ def recording_header(src: Any, interval: float) -> dict[str, Any]:
 
 
 def run_record(args: argparse.Namespace) -> int:
-    from ksmtrace.cli import Terminated  # raised by the CLI's SIGTERM handler
-
     src = session.open_source(args, need_bpf=True)
     with src:
         session.enforce_strict(args, src.probes)
@@ -141,8 +141,8 @@ def run_record(args: argparse.Namespace) -> int:
                         last_line = now
             except KeyboardInterrupt:
                 stopped = "stopped by Ctrl-C"
-            except Terminated:
-                stopped = "stopped by SIGTERM"
+            except Terminated as e:
+                stopped = f"stopped by {signal.Signals(e.signum).name}"
             rec.close()  # END, with signals held: a second Ctrl-C cannot cut it
             if tty:
                 print(file=sys.stderr)

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from ksmtrace import argtypes, session
+from ksmtrace import argtypes, session, signals
 from ksmtrace.errors import KsmtraceError, UsageError, not_root
 
 EPILOG = """\
@@ -118,14 +118,8 @@ def _run_app(feed, knobs, demo_mode: bool, stream_off: bool) -> int:
     app = KsmtraceApp(feed, knobs=knobs, demo_mode=demo_mode, stream_off=stream_off)
     # SIGTERM/SIGHUP end the app the way q does, so every with-block above
     # unwinds (probes detached, demo ended, knobs restored).
-    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
-    for s in old:
-        signal.signal(s, lambda *_: app.call_later(app.exit))
-    try:
+    with signals.calling(lambda *_: app.call_later(app.exit), (signal.SIGTERM, signal.SIGHUP)):
         app.run()
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
     if app.failure is not None:
         if isinstance(app.failure, KsmtraceError | KeyboardInterrupt):
             raise app.failure

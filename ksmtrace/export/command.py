@@ -16,6 +16,7 @@ import time
 
 from ksmtrace import argtypes, session
 from ksmtrace.errors import BadRecording, KsmtraceError, UsageError
+from ksmtrace.signals import Terminated
 
 DEFAULT_PORT = 9949
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
@@ -157,7 +158,6 @@ def _replay(src, col, exporter, path: str) -> bool:
     record (or a tick that cannot be served) ends the replay there (False):
     the snapshots before it stay served and one line says where it stopped;
     with none before it, BadRecording (exit 9)."""
-    from ksmtrace.cli import Terminated
 
     n = 0
     try:

@@ -377,17 +377,23 @@ def plan(f: Facts, force: str | None = None) -> Plan:
 
 
 def _bcc_version() -> str | None:
+    """bcc's version, read from its version.py without importing bcc (only
+    the source layer imports it: importing it here would load libbcc)."""
+    import importlib.util
+    import re
+
     try:
-        import importlib.util
-
         spec = importlib.util.find_spec("bcc")
-        if spec is None:
+        if spec is None or not spec.submodule_search_locations:
             return None
-        from bcc.version import __version__  # type: ignore[import-not-found]
-
-        return str(__version__)
-    except Exception:
-        return None
+        for d in spec.submodule_search_locations:
+            text = (Path(d) / "version.py").read_text()
+            m = re.search(r"""__version__\s*=\s*['"]([^'"]+)['"]""", text)
+            if m:
+                return m.group(1)
+    except (OSError, ImportError, ValueError):
+        pass
+    return None
 
 
 def _run_trials(specs: list[str], env: dict[str, str]) -> dict[str, Trial]:

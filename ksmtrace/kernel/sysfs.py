@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
-import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -168,12 +166,12 @@ def read_knob(name: str, root: str | os.PathLike = "/") -> int | str | None:
 class KsmKnobs:
     """Context manager that writes KSM knobs and restores every one it changed.
 
-    Restores on normal exit, on exceptions, and on SIGTERM/SIGINT (turned into
-    exceptions while the context is active, when entered from the main
-    thread). Restore order puts `run` last. A knob the kernel refuses to put
-    back (EBUSY for max_page_sharing/merge_across_nodes while pages are
-    shared) is reported on stderr and kept in `restore_errors`, never
-    silently dropped.
+    Restores on normal exit and on exceptions, Ctrl-C and SIGTERM included
+    once the program has installed `ksmtrace.signals` (the CLI does).
+    Restore order puts `run` last. A knob the kernel refuses to put back
+    (EBUSY for max_page_sharing/merge_across_nodes while pages are shared)
+    is reported on stderr and kept in `restore_errors`, never silently
+    dropped.
 
         with KsmKnobs() as knobs:
             knobs.set(pages_to_scan=10000, sleep_millisecs=0)
@@ -184,7 +182,6 @@ class KsmKnobs:
         self.root = Path(root)
         self.saved: dict[str, int | str] = {}
         self.restore_errors: list[str] = []
-        self._old_handlers: dict[int, object] = {}
 
     # -- writing ---------------------------------------------------------
     def set(self, **knobs: int | str) -> None:
@@ -244,20 +241,12 @@ class KsmKnobs:
                 self.restore_errors.append(f"{name}={value}: {e.strerror or e}")
         self.saved.clear()
 
-    # -- context manager and signals ---------------------------------------
+    # -- context manager ---------------------------------------------------
     def __enter__(self) -> KsmKnobs:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                self._old_handlers[sig] = signal.signal(sig, _raise_for_signal)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        try:
-            self.restore()
-        finally:
-            for sig, old in self._old_handlers.items():
-                signal.signal(sig, old)  # type: ignore[arg-type]
-            self._old_handlers.clear()
+        self.restore()
         if self.restore_errors:
             import sys
 
@@ -265,16 +254,6 @@ class KsmKnobs:
                 "ksmtrace: could not restore KSM knobs: " + "; ".join(self.restore_errors),
                 file=sys.stderr,
             )
-
-
-class Terminated(SystemExit):
-    """SIGTERM/SIGHUP while knobs were changed: unwinds so they get restored."""
-
-
-def _raise_for_signal(signum: int, frame: object) -> None:
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise Terminated(128 + signum)
 
 
 @contextmanager

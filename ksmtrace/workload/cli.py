@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import threading
 import time
@@ -14,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from ksmtrace import argtypes
+from ksmtrace import argtypes, signals
 from ksmtrace.errors import Exit, KsmtraceError, not_root
-from ksmtrace.kernel.sysfs import Terminated
+from ksmtrace.signals import Terminated
 from ksmtrace.workload.child import child_main
 from ksmtrace.workload.model import (
     DEFAULT_TIMEOUT,
@@ -302,9 +301,8 @@ def run_cli(args: argparse.Namespace) -> int:
         raise not_root("driving ksmd (--drive-ksmd)")
     out = _Printer(args.json)
     all_ok = True
-    # SIGTERM/SIGHUP unwind through the with-block (children ended, knobs
-    # restored) even when KsmKnobs has not installed its own handlers.
-    old = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # Ctrl-C, SIGTERM and SIGHUP unwind the with-block (children ended, knobs
+    # restored): the caller installed ksmtrace.signals (the CLI, or main()).
     try:
         w = Workload(
             spec,
@@ -409,14 +407,7 @@ def run_cli(args: argparse.Namespace) -> int:
         out.event("interrupted", "[exit] interrupted: children ended, knobs restored")
         return Exit.INTERRUPTED
     except Terminated as e:
-        return int(e.code) if isinstance(e.code, int) else Exit.FAILURE
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated(128 + signum)
+        return int(e.code)
 
 
 def _phase(
@@ -480,6 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers()
     add_cli(sub)
     args = parser.parse_args(["workload", *argv])
+    signals.install()
     try:
         return run_cli(args)
     except KsmtraceError as e:

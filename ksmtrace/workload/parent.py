@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -12,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
+from ksmtrace import signals
 from ksmtrace.errors import NoKsm, no_ksm
 from ksmtrace.kernel import procfs
 from ksmtrace.kernel.pagemap import PAGE_SIZE
@@ -185,24 +185,19 @@ class Workload:
         """End every child; when driving ksmd, let it drop their pages, then
         restore the knobs. Safe to call twice and from any thread."""
         self._stopping.set()
-        main = threading.current_thread() is threading.main_thread()
-        sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
         # Cleanup must not be cut short by a second Ctrl-C / SIGTERM: they are
         # held back until it is done, then delivered.
-        if main:
-            signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-        try:
-            with self._lock:
-                self._end_children()
-        finally:
+        with signals.held():
             try:
-                if self._knobs is not None:
-                    knobs, self._knobs = self._knobs, None
-                    knobs.__exit__(None, None, None)
+                with self._lock:
+                    self._end_children()
             finally:
-                self.phase = "stopped"
-                if main:
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
+                try:
+                    if self._knobs is not None:
+                        knobs, self._knobs = self._knobs, None
+                        knobs.__exit__(None, None, None)
+                finally:
+                    self.phase = "stopped"
 
     def _end_children(self) -> None:
         if not self._children:

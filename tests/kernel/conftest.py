@@ -6,9 +6,18 @@ import subprocess
 
 import pytest
 
+from ksmtrace import signals
 from ksmtrace.kernel import capabilities as caps
 from ksmtrace.kernel import sysfs
 from ksmtrace.workload import other_ksm_users
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _unwind_on_sigterm():
+    """SIGTERM (a CI time limit) unwinds the running test like Ctrl-C, so
+    every workload ends its children and every KSM knob is put back."""
+    with signals.installed():
+        yield
 
 
 @pytest.fixture(scope="module")

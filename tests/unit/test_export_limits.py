@@ -447,11 +447,11 @@ def test_a_tick_that_cannot_be_exported_stops_the_replay_like_a_corrupt_one(snap
         command._replay(type("S", (), {"ticks": lambda self: iter(["bad"])})(), Col(), Exp(),
                         "x.ksmrec")
     # SIGTERM while a tick is aggregated is SIGTERM, not a bad tick
-    from ksmtrace.cli import Terminated
+    from ksmtrace.signals import Terminated
 
     class Interrupted(Col):
         def add_tick(self, tick):
-            raise Terminated
+            raise Terminated(15)  # SIGTERM
 
     with pytest.raises(Terminated):
         command._replay(Source(), Interrupted(), Exp(), "x.ksmrec")

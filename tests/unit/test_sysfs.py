@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from ksmtrace import signals
 from ksmtrace.errors import KsmtraceError, NoKsm
 from ksmtrace.kernel import sysfs
-from ksmtrace.kernel.sysfs import KsmKnobs, Terminated, read_knob, read_sysfs
+from ksmtrace.kernel.sysfs import KsmKnobs, read_knob, read_sysfs
+from ksmtrace.signals import Terminated
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 HOST = FIXTURES / "host-6.18"
@@ -143,7 +145,7 @@ def test_knobs_restored_after_exception(knob_root):
 def test_knobs_restored_after_sigterm(knob_root):
     before = knob_files(knob_root)
     handler = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(Terminated) as exc:
+    with pytest.raises(Terminated) as exc, signals.installed():
         with KsmKnobs(knob_root) as k:
             k.set(pages_to_scan=5, sleep_millisecs=1)
             os.kill(os.getpid(), signal.SIGTERM)
