@@ -565,12 +565,10 @@ BPF_HASH(cow_calls, u32, struct cow_call, 4096);
  * which overlaps lru, a list_head that `mapping` follows. */
 #define OFF_PAGE_COMPOUND_HEAD (OFF_PAGE_MAPPING - 16)
 
-/* folio_test_ksm() of the page's folio. A tail page's own `mapping` word is
- * not a mapping: in a large folio's second page it holds folio fields
- * (_nr_pages_mapped, _pincount), whose low bits looked like
- * PAGE_MAPPING_KSM now and then, so a write fault on a PTE-mapped large folio
- * counted as a KSM break the kernel did not count (one too many in the 6.12
- * guest, seen with fentry and kprobe alike). Read the head's. */
+/* folio_test_ksm() of the page's folio: the head page's `mapping`. A tail
+ * page's own `mapping` word is not a mapping (a large folio's second page
+ * holds _nr_pages_mapped and _pincount there, whose low bits can look like
+ * PAGE_MAPPING_KSM). */
 static __always_inline u8 page_is_ksm(u64 page)
 {
 	u64 mapping = 0, head = 0;
@@ -581,13 +579,11 @@ static __always_inline u8 page_is_ksm(u64 page)
 	return (mapping & 3) == 3;	/* PAGE_MAPPING_KSM */
 }
 
-/* An entry whose exit never ran (the entry program attached a moment before
- * the exit one, or a return probe missed) must not be taken for the next
- * call's: a later non-KSM fault's exit then counted a break the kernel did
- * not (301 traced for 300 cow_ksm in the 6.12 guest, kprobe pass), or, with
- * the vmemmap base still unknown, learnt a base from a dead frame, after
- * which no page looked like a KSM page (0 of 1,200 unshares counted). So
- * every entry replaces or removes this thread's slot. */
+/* Every entry replaces or removes this thread's slot: an entry whose exit
+ * never ran (the entry program attached a moment before the exit one, or a
+ * return probe missed) must not be taken for a later call's, whose exit
+ * would then count a break of a page it never checked, or learn the vmemmap
+ * base from a dead frame. */
 static __always_inline void cow_forget(u32 tid)
 {
 	if (cow_calls.lookup(&tid))

@@ -191,8 +191,7 @@ class Collector:
                 # split is of the totals since start, not of each tick's
                 # deltas: the counter poll and the BPF read are not atomic
                 # together, so the faults of a write can land a tick before
-                # its cow_ksm (measured in the 6.12 guest: 168 of 600 breaks
-                # came in a tick without faults and were never attributed).
+                # its cow_ksm.
                 for pid, n in wp_delta.items():
                     self._wp_total[pid] = self._wp_total.get(pid, 0) + n
                 self._cow_total += max(cow_ksm_delta, 0)

@@ -125,8 +125,8 @@ class LiveSource:
         """Attaching (and detaching) fentry/fexit programs waits for an RCU
         Tasks grace period: every task must sleep or enter user space once.
         ksmd at sleep_millisecs=0 does neither, so bcc would hang in the
-        attach (seen in the 6.12 guest: "rcu_tasks detected stalls" on ksmd).
-        Say so at once instead."""
+        attach (the kernel logs "rcu_tasks detected stalls" on ksmd). Say so
+        at once instead."""
         if self.spec.fentry and self._ksmd_spins():
             raise Busy("ksmd runs with sleep_millisecs=0, so it never sleeps, and attaching "
                        "fentry programs waits until every task has slept once: it would hang",

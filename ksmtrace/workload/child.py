@@ -100,9 +100,8 @@ class _Child:
             # After the mmap, so the region is mergeable from the prctl on and
             # `_unregister_others` leaves it so. Before it, the mm would have
             # no mergeable VMA between the two calls, and ksmd drops such an
-            # mm from KSM, clearing MMF_VM_MERGE_ANY: nothing mapped later is
-            # mergeable (found in the 6.12 guest, where slow Python under TCG
-            # made that window wide: no VMA with the `mg` flag, ksmd asleep).
+            # mm from KSM, clearing MMF_VM_MERGE_ANY: nothing mapped later
+            # would be mergeable.
             try:
                 _prctl(self.libc, PR_SET_MEMORY_MERGE, 1)
             except OSError as e:
