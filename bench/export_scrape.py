@@ -32,7 +32,7 @@ def _snapshot(processes: int):
     from ksmtrace.sources.replay import ReplaySource
 
     with ReplaySource(RECORDING, warn=None) as src:
-        col = Collector(src.kind, src.probes, src.notes, src.cow_estimated)
+        col = Collector.for_source(src)
         snaps = [col.add_tick(t) for t in src.ticks()]
     base = next(s for s in snaps if s.processes and all(r.alive for r in s.processes))
     rows = [dataclasses.replace(base.processes[i % len(base.processes)], pid=100000 + i,

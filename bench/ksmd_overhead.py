@@ -80,7 +80,7 @@ def tracer_main(mode: str, facts_path: str) -> int:
     src = (SysfsSource() if mode == "sysfs" else
            LiveSource(facts, plan, stream=(mode == "stream"), bpf_stats=(mode == "stats")))
     with src:
-        col = Collector("live", src.probes, src.notes, src.cow_estimated)
+        col = Collector.for_source(src)
         snap = col.add_tick(src.tick())
         wait = getattr(src, "poll", time.sleep)  # the sysfs-only source has no stream
         print("ready", flush=True)

@@ -54,7 +54,7 @@ def _parse(path: Path, through_collector: bool = False) -> float:
     t0 = time.perf_counter()
     n = 0
     with ReplaySource(path, warn=None) as src:
-        col = Collector(src.kind, src.probes, src.notes, src.cow_estimated)
+        col = Collector.for_source(src)
         for t in src.ticks():
             n += len(t.events) // EVENT_SIZE
             if through_collector:

@@ -24,6 +24,7 @@ from ksmtrace.model import (
     Snapshot,
     Tick,
 )
+from ksmtrace.sources import Source
 
 MAX_EXITED = 256  # exited processes kept in the table (most recent)
 EVENT_TAIL = 512  # events kept per snapshot for views (all are recorded)
@@ -88,6 +89,11 @@ class Collector:
         self._cow_given: dict[int, int] = {}  # pid -> its share of _cow_total so far
 
     # ------------------------------------------------------------------
+    @classmethod
+    def for_source(cls, src: Source) -> Collector:
+        """The collector of a source: its kind, probes, notes and COW estimate."""
+        return cls(src.kind, src.probes, src.notes, src.cow_estimated)
+
     def add_tick(self, tick: Tick) -> Snapshot:
         prev, self._prev = self._prev, tick
         c = tick.counters

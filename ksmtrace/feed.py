@@ -29,8 +29,7 @@ class LiveFeed:
         self.source = source
         self.kind = source.kind
         self.interval = interval
-        self.collector = Collector(source.kind, source.probes, source.notes,
-                                   source.cow_estimated)
+        self.collector = Collector.for_source(source)
         self._history: deque[Snapshot] = deque(maxlen=history)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -93,8 +92,7 @@ class ReplayFeed:
     def __init__(self, source, speed: float = 1.0, history: int = HISTORY):
         self.source = source
         self.path = str(getattr(source.recording, "path", ""))
-        self.collector = Collector(source.kind, source.probes, source.notes,
-                                   source.cow_estimated)
+        self.collector = Collector.for_source(source)
         self.snapshots: list[Snapshot] = []
         self.loaded = False
         self.error: BaseException | None = None

@@ -179,7 +179,7 @@ def replay(path: str) -> Replayed:
     kinds: dict[int, int] = {}
     # a cut-off end is warned about after reading: one inside the first tick is an error
     with ReplaySource(path, warn=None) as src:
-        col = Collector(src.kind, src.probes, src.notes, src.cow_estimated)
+        col = Collector.for_source(src)
         for tick in src.ticks():
             last = col.add_tick(tick)  # snapshots are totals since start: keep two
             first = first or last

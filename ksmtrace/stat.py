@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         with demo_ctx as demo_pids:
             if demo_pids and args.pid is None:
                 src.pids = list(demo_pids)
-            col = Collector(src.kind, src.probes, src.notes, src.cow_estimated)
+            col = Collector.for_source(src)
             printed = 0
             for tick in src.ticks(args.interval, args.count):
                 snap = col.add_tick(tick)

@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             src = session.open_source(args)
         with src:
             session.enforce_strict(args, src.probes)
-            col = Collector(src.kind, src.probes, src.notes, src.cow_estimated)
+            col = Collector.for_source(src)
             server.start()
             print(f"ksmtrace export: serving http://{server.address}/metrics "
                   f"(source: {src.kind}, every {args.interval:g} s, top {top}); "

@@ -62,7 +62,7 @@ def cow_ksm() -> int:
 def test_cow_writes_through_do_wp_page_exactly_per_process(facts, quiet_ksm):
     src = fn_source(facts, "cow_breaks")
     with src:
-        col = Collector("live", src.probes, src.notes, src.cow_estimated)
+        col = Collector.for_source(src)
         assert not src.cow_estimated
         col.add_tick(src.tick())
         spec = WorkloadSpec(processes=3, pages=1000, distinct=10)
@@ -101,7 +101,7 @@ def test_unshares_are_told_apart_from_user_writes(facts, quiet_ksm, how):
     count no user write."""
     src = fn_source(facts, "cow_breaks", "unshares")
     with src:
-        col = Collector("live", src.probes, src.notes, src.cow_estimated)
+        col = Collector.for_source(src)
         col.add_tick(src.tick())
         spec = WorkloadSpec(processes=2, pages=600, distinct=6)
         with Workload(spec, drive_ksmd=True) as w:
@@ -151,7 +151,7 @@ def test_unshares_are_told_apart_from_user_writes(facts, quiet_ksm, how):
 def test_merge_latency_histogram_counts_every_merge_attempt(facts, quiet_ksm):
     src = fn_source(facts, "merges")
     with src:
-        col = Collector("live", src.probes, src.notes, src.cow_estimated)
+        col = Collector.for_source(src)
         col.add_tick(src.tick())
         spec = WorkloadSpec(processes=2, pages=1000, distinct=10)
         with Workload(spec, drive_ksmd=True) as w:

@@ -34,7 +34,7 @@ def test_program_costs_equal_bpftool_and_the_programs_own_counts(facts, quiet_ks
     src = LiveSource(facts, plan)
     with src:
         assert src.stats.how == "fd", src.stats.error  # 6.18: bpf(BPF_ENABLE_STATS)
-        col = Collector("live", src.probes, src.notes, src.cow_estimated)
+        col = Collector.for_source(src)
         col.add_tick(src.tick())
         with Workload(WorkloadSpec(processes=2, pages=2000, distinct=20)) as w:
             w.wait_merged()

@@ -85,7 +85,7 @@ def test_cow_breaks_add_up_to_cow_ksm_in_every_page_state(facts, quiet_ksm, stat
     plan = caps.plan(facts, os.environ.get("KSMTRACE_ATTACH"))
     src = LiveSource(facts, plan, stream=False)
     with src:
-        col = Collector("live", src.probes, src.notes, src.cow_estimated)
+        col = Collector.for_source(src)
         col.add_tick(src.tick())
         spec = spec_for(state)
         with Workload(spec, drive_ksmd=True) as w:

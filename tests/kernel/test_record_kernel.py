@@ -91,7 +91,7 @@ def report_json(path: Path) -> dict:
 
 def replayed_totals(path: Path) -> dict[str, int]:
     with ReplaySource(path, warn=None) as src:
-        col = Collector(src.kind, src.probes, src.notes, src.cow_estimated)
+        col = Collector.for_source(src)
         snap = None
         for tick in src.ticks():
             snap = col.add_tick(tick)
@@ -159,7 +159,7 @@ def test_replay_gives_the_live_snapshots(tmp_path):
     args = build_parser().parse_args(["record", "-o", str(path), "0.2"])
     live = []
     with session.open_source(args, need_bpf=True) as src:
-        col = Collector(src.kind, src.probes, src.notes, src.cow_estimated)
+        col = Collector.for_source(src)
         with Recorder(path, recording_header(src, 0.2)) as rec, \
                 Workload(WorkloadSpec(processes=2, pages=500, distinct=5)) as w:
             done_at = None
@@ -173,7 +173,7 @@ def test_replay_gives_the_live_snapshots(tmp_path):
                     break
                 assert tick.seq < 600, "the workload never merged"
     with ReplaySource(path) as replay:
-        col = Collector(replay.kind, replay.probes, replay.notes, replay.cow_estimated)
+        col = Collector.for_source(replay)
         again = [dataclasses.replace(col.add_tick(t), source="live") for t in replay.ticks()]
     assert again == live
     assert live[-1].totals["merges"] >= 1000 and any(s.events for s in live)

@@ -39,7 +39,7 @@ def traced(facts, stream=False, force=None):
 def test_merges_scan_rounds_and_cow_equal_kernel_counters(facts, quiet_ksm):
     src, plan = traced(facts)
     with src:
-        col = Collector("live", src.probes, src.notes, src.cow_estimated)
+        col = Collector.for_source(src)
         col.add_tick(src.tick())
         spec = WorkloadSpec(processes=3, pages=2000, distinct=20)
         with Workload(spec, drive_ksmd=True) as w:
@@ -93,7 +93,7 @@ def test_per_process_merges_stay_exact_across_exits_and_new_processes(facts, qui
     address) must not inherit it."""
     src, _ = traced(facts)
     with src:
-        col = Collector("live", src.probes, src.notes, src.cow_estimated)
+        col = Collector.for_source(src)
         col.add_tick(src.tick())
         expected: dict[int, int] = {}
         for pages, distinct in ((1500, 15), (700, 7), (300, 3)):
@@ -166,7 +166,7 @@ def test_fentry_is_refused_while_ksmd_never_sleeps(facts, quiet_ksm, count_progr
 def test_zero_page_merges_equal_ksm_zero_pages(facts, quiet_ksm):
     src, _ = traced(facts)
     with src:
-        col = Collector("live", src.probes, src.notes, src.cow_estimated)
+        col = Collector.for_source(src)
         col.add_tick(src.tick())
         spec = WorkloadSpec(processes=2, pages=100, distinct=10, zero_pages=300,
                             use_zero_pages=True)
@@ -183,7 +183,7 @@ def test_zero_page_merges_equal_ksm_zero_pages(facts, quiet_ksm):
 def test_no_lost_events_in_a_30k_page_merge_with_the_stream_on(facts, quiet_ksm):
     src, _ = traced(facts, stream=True)
     with src:
-        col = Collector("live", src.probes, src.notes, src.cow_estimated)
+        col = Collector.for_source(src)
         col.add_tick(src.tick())
         merges_seen = 0
         spec = WorkloadSpec(processes=3, pages=10000, distinct=100)
@@ -206,7 +206,7 @@ def test_default_mode_aggregates_without_a_stream(facts, quiet_ksm):
     src, _ = traced(facts, stream=False)
     with src:
         assert src.spec.stream == 0
-        col = Collector("live", src.probes, src.notes, src.cow_estimated)
+        col = Collector.for_source(src)
         col.add_tick(src.tick())
         with Workload(WorkloadSpec(processes=3, pages=10000, distinct=100)) as w:
             w.wait_merged()
@@ -230,7 +230,7 @@ def test_owner_of_processes_registered_before_tracing(facts, quiet_ksm):
         with ksmd_paused():
             src.__enter__()
         try:
-            col = Collector("live", src.probes, src.notes, src.cow_estimated)
+            col = Collector.for_source(src)
             col.add_tick(src.tick())
             written = w.cow(0.2)
             w.wait_expected()

@@ -36,7 +36,7 @@ RECORDING = ROOT / "tests" / "fixtures" / "recordings" / "host-6.18-workload.ksm
 @pytest.fixture(scope="module")
 def snap():
     with ReplaySource(RECORDING, warn=None) as src:
-        col = Collector(src.kind, src.probes, src.notes, src.cow_estimated)
+        col = Collector.for_source(src)
         snaps = [col.add_tick(t) for t in src.ticks()]
     return snaps[-1]
 

@@ -41,7 +41,7 @@ def trace() -> dict:
 
 def test_report_totals_are_the_replayed_collectors(rep):
     with ReplaySource(FIX) as src:
-        col = Collector(src.kind, src.probes, src.notes, src.cow_estimated)
+        col = Collector.for_source(src)
         snaps = [col.add_tick(t) for t in src.ticks()]
     last = snaps[-1]
     assert rep["totals"] == last.totals
