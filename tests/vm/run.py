@@ -319,6 +319,10 @@ def boot(
     t0 = time.monotonic()
     limit = guest_timeout(guest, opts)
     deadline_boot, deadline_all = t0 + boot_timeout, t0 + limit
+    # a loaded host slows the guest but never silences it: pytest prints a
+    # result per test, and the in-guest watchdog ends a silent pass first
+    silence = opts.backend_timeout + 120
+    activity = [t0]  # monotonic time of the console's last byte
     lines: queue.Queue[bytes | None] = queue.Queue()
     with open(serial_log, "ab") as logf:
         logf.write(f"### {shlex.join(cmd)}\n".encode())
@@ -327,9 +331,17 @@ def boot(
         )
 
         def pump() -> None:
+            """Console lines to the queue; any byte (pytest's progress dots
+            come without a newline) counts as the guest being alive."""
             assert proc.stdout
-            for raw in proc.stdout:
-                lines.put(raw)
+            fd, buf = proc.stdout.fileno(), b""
+            while chunk := os.read(fd, 65536):
+                activity[0] = time.monotonic()
+                *done, buf = (buf + chunk).split(b"\n")
+                for line in done:
+                    lines.put(line + b"\n")
+            if buf:
+                lines.put(buf)
             lines.put(None)
 
         threading.Thread(target=pump, daemon=True).start()
@@ -339,6 +351,8 @@ def boot(
                 result.timed_out = f"no KSMVM-BOOT within {boot_timeout:.0f}s"
             elif now > deadline_all:
                 result.timed_out = f"guest still running after {limit:.0f}s"
+            elif result.booted and now - activity[0] > silence:
+                result.timed_out = f"guest console silent for {silence:.0f}s"
             elif result.end_at is not None and now > result.end_at + 60:
                 result.timed_out = "guest did not power off within 60s of KSMVM-END"
             if result.timed_out:
@@ -378,15 +392,9 @@ def boot(
 
 
 def guest_timeout(guest: Guest, opts: argparse.Namespace) -> float:
-    """--timeout, or enough for boot, install and doctor (300 s), the smoke
-    check (240 s) and each backend's budget plus a minute: a bound that keeps
-    the worst case inside CI's time while never cutting a healthy run short."""
-    if opts.timeout:
-        return opts.timeout
-    passes = len(guest_passes(guest, opts))
-    smoke = 240 if (opts.smoke or opts.smoke_only) else 0
-    tests = 0 if opts.smoke_only else passes * (opts.backend_timeout + 60)
-    return 300 + smoke + tests
+    """--timeout, or 75 minutes: only the bound that keeps a run inside CI's
+    90; the guest's own progress (its console) decides before that."""
+    return opts.timeout or 4500.0
 
 
 def guest_passes(guest: Guest, opts: argparse.Namespace) -> list[str]:
@@ -571,10 +579,10 @@ def backend_result(
         r.status = "NO TESTS"
         msg = f"{b}: pytest collected no kernel-tier tests (exit 5)"
         (g.notes if opts.allow_empty else g.problems).append(msg)
-    elif rc in ("124", "137"):  # kernel-tier.sh's per-backend budget ran out
+    elif rc in ("124", "137"):  # kernel-tier.sh's watchdog: no progress
         r.status = "TIMEOUT"
         g.problems.append(
-            f"{b}: stopped after the {opts.backend_timeout}s budget per backend "
+            f"{b}: stopped after {opts.backend_timeout}s without any pytest output "
             f"(JUnit XML has the tests done by then; see pytest-{b}.log)"
         )
     elif rc != "0":
@@ -814,14 +822,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=float,
         default=float(env("KSMTRACE_VM_TIMEOUT", "0")),
         help="seconds per guest, QEMU start to power-off, after which QEMU is killed "
-        "(default: 300 + 240 with --smoke + (backend timeout + 60) per backend)",
+        "whatever it is doing (default 4500: inside CI's 90 minutes); before that it "
+        "is killed when its console is silent for --backend-timeout + 120 s",
     )
     p.add_argument(
         "--backend-timeout",
         type=int,
-        default=int(env("KSMTRACE_VM_BACKEND_TIMEOUT", "540")),
-        help="seconds for one backend's pytest run; then it is interrupted and the next "
-        "backend runs (default %(default)s)",
+        default=int(env("KSMTRACE_VM_BACKEND_TIMEOUT", "420")),
+        help="seconds a backend's pytest run may go without output (pytest prints each "
+        "test's result; a hung test is ended by --pytest-timeout first); then it is "
+        "interrupted and the next backend runs (default %(default)s)",
     )
     p.add_argument("--boot-timeout", type=float, default=300, help="seconds to the guest's init")
     p.add_argument(
