@@ -80,9 +80,8 @@ class Workload:
         spec.validate()
         self.spec = spec
         self.drive_ksmd = drive_ksmd
-        # large: ksmd also walks every other registered mm (a VM's guest RAM can
-        # be a million pages); at sleep_millisecs=0 a big batch costs nothing
-        # once the workload is merged
+        # large: ksmd walks every registered mm (a VM's RAM can be a million
+        # pages); at sleep_millisecs=0 a big batch costs nothing once merged
         self.pages_to_scan = pages_to_scan or MAX_PAGES_TO_SCAN
         self.root = root
         self.progress = progress
