@@ -15,9 +15,10 @@ import subprocess
 import sys
 import time
 import zlib
-from pathlib import Path
 
 import pytest
+import recbytes
+from recbytes import FIX, HEAD
 
 from ksmtrace import collector as collector_mod
 from ksmtrace.collector import Collector
@@ -37,18 +38,10 @@ from ksmtrace.record import (
 )
 from ksmtrace.sources.replay import ReplaySource
 
-FIX = Path(__file__).parent.parent / "fixtures" / "recordings" / "host-6.18-workload.ksmrec"
-HEAD_SIZE = 13
-
 
 def records(data: bytes) -> list[tuple[int, int, int]]:
-    """(offset, kind, total size) of each record, walking the heads."""
-    out, pos = [], DATA_START
-    while pos < len(data):
-        kind, length = struct.unpack_from("<BI", data, pos)
-        out.append((pos, kind, HEAD_SIZE + length))
-        pos += HEAD_SIZE + length
-    return out
+    """(offset, kind, total size) of each record."""
+    return [(pos, kind, HEAD.size + len(p)) for pos, kind, p in recbytes.records(data)]
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +302,7 @@ CORRUPTIONS = {
                         "format version 99 (byte offset 13) is not supported"),
     "old version 1": (lambda d: d[:13] + struct.pack("<H", 1) + d[15:],
                       "format version 1 (byte offset 13) is not supported"),
-    "payload crc": (lambda d: _flip(d, records(d)[_mid(d)][0] + HEAD_SIZE + 3),
+    "payload crc": (lambda d: _flip(d, records(d)[_mid(d)][0] + HEAD.size + 3),
                     "tick record checksum mismatch at byte offset {mid}"),
     "length flipped": (lambda d: _flip(d, records(d)[_mid(d)][0] + 3),
                        "record head checksum mismatch at byte offset {mid}"),
@@ -338,7 +331,7 @@ CORRUPTIONS = {
     "undecodable header": (lambda d: _splice(d, 0, encode_record(HEADER, b"{oops")),
                            "undecodable header record"),
     "data after end": (lambda d: d + encode_record(TICK, b""), "data after the end record"),
-    "header crc": (lambda d: _flip(d, DATA_START + HEAD_SIZE + 10),
+    "header crc": (lambda d: _flip(d, DATA_START + HEAD.size + 10),
                    "header record checksum mismatch at byte offset 15"),
 }
 
@@ -403,9 +396,9 @@ def test_header_and_records_are_checksummed_as_documented(fixture_bytes):
     for off, _kind, size in records(fixture_bytes):
         kind, length, crc, head_crc = struct.unpack_from("<BIII", fixture_bytes, off)
         assert head_crc == zlib.crc32(fixture_bytes[off:off + 9])
-        assert crc == zlib.crc32(fixture_bytes[off + HEAD_SIZE:off + size])
+        assert crc == zlib.crc32(fixture_bytes[off + HEAD.size:off + size])
     off, _, size = records(fixture_bytes)[0]
-    header = json.loads(fixture_bytes[off + HEAD_SIZE:off + size])
+    header = json.loads(fixture_bytes[off + HEAD.size:off + size])
     assert header["format"] == VERSION
 
 

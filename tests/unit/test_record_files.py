@@ -15,6 +15,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from recbytes import FIX, HEAD, records
 
 from ksmtrace.cli import main
 from ksmtrace.errors import BadRecording
@@ -26,8 +27,6 @@ from ksmtrace.record import (
     Recording,
 )
 
-FIX = Path(__file__).parent.parent / "fixtures" / "recordings" / "host-6.18-workload.ksmrec"
-HEAD = struct.Struct("<BIII")
 MiB = 2**20
 
 
@@ -38,12 +37,7 @@ def data() -> bytes:
 
 def offsets(data: bytes) -> list[tuple[int, int]]:
     """(offset, kind) of each record."""
-    out, pos = [], DATA_START
-    while pos < len(data):
-        kind, length, _, _ = HEAD.unpack_from(data, pos)
-        out.append((pos, kind))
-        pos += HEAD.size + length
-    return out
+    return [(pos, kind) for pos, kind, _ in records(data)]
 
 
 def head(kind: int, length: int, crc: int = 0) -> bytes:

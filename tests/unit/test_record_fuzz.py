@@ -44,14 +44,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-FIX = Path(__file__).parent.parent / "fixtures" / "recordings" / "host-6.18-workload.ksmrec"
+from recbytes import FIX, HEAD, records, tick_parts, tick_payload
+
 SEED = 0x4B534D  # "KSM"
 CASES = 10_000
 FULL_EVERY = 50  # one case in FULL_EVERY mutates the whole fixture, the others a small copy
 TRACE_EVERY = 10  # tracemalloc measures one case in TRACE_EVERY (and every length mutation)
 PEAK_LIMIT = 16 * 2**20  # bytes a traced command run may allocate at its peak
 MAGIC_LEN, PREAMBLE = 13, 15
-HEAD = struct.Struct("<BIII")
 EVENT_SIZE = 72
 HEADER, TICK, END = 1, 2, 3
 
@@ -60,12 +60,7 @@ Record = tuple[int, bytes]  # kind, payload
 
 # ------------------------------------------------------------------ the bases
 def split(data: bytes) -> list[Record]:
-    out, pos = [], PREAMBLE
-    while pos < len(data):
-        kind, length, _, _ = HEAD.unpack_from(data, pos)
-        out.append((kind, data[pos + HEAD.size:pos + HEAD.size + length]))
-        pos += HEAD.size + length
-    return out
+    return [(kind, payload) for _, kind, payload in records(data)]
 
 
 def frame(kind: int, payload: bytes, length: int | None = None) -> bytes:
@@ -76,15 +71,6 @@ def frame(kind: int, payload: bytes, length: int | None = None) -> bytes:
 
 def join(records: list[Record], preamble: bytes) -> bytes:
     return preamble + b"".join(frame(k, p) for k, p in records)
-
-
-def tick_parts(payload: bytes) -> tuple[dict[str, Any], bytes]:
-    (n,) = struct.unpack_from("<I", payload)
-    return json.loads(payload[4:4 + n]), payload[4 + n:]
-
-
-def tick_payload(js: bytes, events: bytes) -> bytes:
-    return struct.pack("<I", len(js)) + js + events
 
 
 def _dumps(d: Any) -> bytes:

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from recbytes import FIX, HEAD, records, tick_parts, tick_payload
 
 from ksmtrace import recschema
 from ksmtrace.errors import BadRecording, Exit
@@ -30,32 +31,10 @@ from ksmtrace.record import (
     tick_to_json,
 )
 
-FIX = Path(__file__).parent.parent / "fixtures" / "recordings" / "host-6.18-workload.ksmrec"
-HEAD = struct.Struct("<BIII")
-
 
 # ------------------------------------------------------------------ helpers
-def records(data: bytes) -> list[tuple[int, int, bytes]]:
-    """(offset, kind, payload) of each record."""
-    out, pos = [], DATA_START
-    while pos < len(data):
-        kind, length, _, _ = HEAD.unpack_from(data, pos)
-        out.append((pos, kind, data[pos + HEAD.size:pos + HEAD.size + length]))
-        pos += HEAD.size + length
-    return out
-
-
 def build(data: bytes, recs: list[tuple[int, bytes]]) -> bytes:
     return data[:DATA_START] + b"".join(encode_record(k, p) for k, p in recs)
-
-
-def tick_parts(payload: bytes) -> tuple[Any, bytes]:
-    (n,) = struct.unpack_from("<I", payload)
-    return json.loads(payload[4:4 + n]), payload[4 + n:]
-
-
-def tick_payload(js: bytes, events: bytes) -> bytes:
-    return struct.pack("<I", len(js)) + js + events
 
 
 def edit(data: bytes, index: int, fn) -> bytes:
