@@ -11,6 +11,7 @@
  *   -DCOW_EST        exceptions:page_fault_user write-protect faults
  *   -DUNSHARE_FN=1|2 break_ksm entry+exit
  *   -DADVISOR_TP     ksm:ksm_advisor
+ *   -DMERGE_SLOT     ksmd's merges gather in one slot (needs SCAN_TP and a merge probe)
  *   -DSCAN_FN=1|2    ksm_do_scan entry+exit (a scan batch), where not inlined
  *   -DCMP_FN=1|2     cmp_and_merge_page entry (one page compared), where not inlined
  *   -DRESOLVER       mmap_lock:mmap_lock_start_locking mm -> pid resolver
@@ -166,7 +167,10 @@ static __always_inline void emit_event(void *ctx, u16 kind, u16 sub, u64 mm, u64
 #define emit(...) do { } while (0)
 #endif
 
-#if defined(SCAN_TP) && (defined(MERGE_TP) || defined(MERGE_FN))
+#ifdef MERGE_SLOT
+#if !defined(SCAN_TP) || !(defined(MERGE_TP) || defined(MERGE_FN))
+#error "MERGE_SLOT needs scan-round ends (SCAN_TP) and a merge probe"
+#endif
 /* Per-mm merge counts without a hash lookup per merge. Only ksmd merges, one
  * mm's pages after another, so its successful merges gather in one slot and
  * go into mm_stats when it moves to another mm and at the end of every scan
@@ -180,7 +184,6 @@ static __always_inline void emit_event(void *ctx, u16 kind, u16 sub, u64 mm, u64
  * it behind the cursor; ksm_stop_scan fires at the wrap): so the slot never
  * holds an mm whose address has a new owner. User space drains an exited
  * mm's figures only once the slot no longer holds it. */
-#define MERGE_SLOT 1
 BPF_ARRAY(merge_slot, struct merge_slot, 1);
 
 static __always_inline void slot_flush(struct merge_slot *c, u64 next_mm)
@@ -223,10 +226,10 @@ static __always_inline void merged(u64 mm, u16 kind)
 static __always_inline void on_merge(void *ctx, u16 kind, u64 mm, u64 pfn, s32 err, u64 latency)
 {
 	if (err == 0) {
-		count(C_MERGE_OK_NEW + kind);
+		count(C_MERGES_NEW_KSM_PAGE + kind);
 		merged(mm, kind);
 	} else {
-		count(C_MERGE_FAIL_NEW + kind);
+		count(C_MERGE_FAILURES_NEW_KSM_PAGE + kind);
 		struct err_key k = { .kind = kind, .err = err };
 		u64 zero = 0, *v = errors.lookup_or_try_init(&k, &zero);
 		if (v)
@@ -236,7 +239,7 @@ static __always_inline void on_merge(void *ctx, u16 kind, u64 mm, u64 pfn, s32 e
 			__sync_fetch_and_add(&s->merge_failures, 1);
 	}
 	if (latency)
-		hist_add(H_MERGE_LATENCY, latency);
+		hist_add(H_MERGE_LATENCY_SECONDS, latency);
 	emit(ctx, EV_MERGE, kind, mm, pfn, latency, 0, err, owner_pid(mm));
 }
 
@@ -247,7 +250,7 @@ TRACEPOINT_PROBE(ksm, ksm_start_scan)
 	int zero = 0;
 	u64 now = bpf_ktime_get_ns();
 	scan_start_ns.update(&zero, &now);
-	count(C_SCAN_START);
+	count(C_SCAN_STARTS);
 	emit(args, EV_SCAN_START, 0, 0, 0, 0, (u32)args->seq | ((u64)args->rmap_entries << 32), 0, 0);
 	return 0;
 }
@@ -258,9 +261,9 @@ TRACEPOINT_PROBE(ksm, ksm_stop_scan)
 	u64 dur = 0, *start = scan_start_ns.lookup(&zero);
 	if (start && *start)
 		dur = bpf_ktime_get_ns() - *start;
-	count(C_SCAN_STOP);
+	count(C_SCAN_ROUNDS);
 	if (dur)
-		hist_add(H_SCAN_ROUND, dur);
+		hist_add(H_SCAN_ROUND_SECONDS, dur);
 #ifdef MERGE_SLOT
 	struct merge_slot *c = merge_slot.lookup(&zero);
 	if (c && c->mm)
@@ -274,7 +277,7 @@ TRACEPOINT_PROBE(ksm, ksm_stop_scan)
 #ifdef ADVISOR_TP
 TRACEPOINT_PROBE(ksm, ksm_advisor)
 {
-	count(C_ADVISOR);
+	count(C_ADVISOR_RUNS);
 	emit(args, EV_ADVISOR, args->cpu_percent, 0, 0, args->scan_time, args->pages_to_scan, 0, 0);
 	return 0;
 }
@@ -298,8 +301,8 @@ static __always_inline void batch_exit(void)
 	u64 *ts = batch_start.lookup(&tid);
 	if (!ts)
 		return;
-	count(C_SCAN_BATCH);
-	hist_add(H_SCAN_BATCH, bpf_ktime_get_ns() - *ts);
+	count(C_SCAN_BATCHES);
+	hist_add(H_SCAN_BATCH_SECONDS, bpf_ktime_get_ns() - *ts);
 	batch_start.delete(&tid);
 }
 #if SCAN_FN == 1
@@ -313,9 +316,9 @@ int kr_scan_batch(struct pt_regs *ctx) { batch_exit(); return 0; }
 
 #ifdef CMP_FN
 #if CMP_FN == 1
-KFUNC_PROBE(cmp_and_merge_page, void *page, void *rmap_item) { count(C_PAGE_COMPARE); return 0; }
+KFUNC_PROBE(cmp_and_merge_page, void *page, void *rmap_item) { count(C_PAGES_COMPARED); return 0; }
 #else
-int kp_page_compare(struct pt_regs *ctx) { count(C_PAGE_COMPARE); return 0; }
+int kp_page_compare(struct pt_regs *ctx) { count(C_PAGES_COMPARED); return 0; }
 #endif
 #endif
 
@@ -449,7 +452,7 @@ int kr_with_ksm(struct pt_regs *ctx)
 TRACEPOINT_PROBE(ksm, ksm_enter)
 {
 	u64 mm = (u64)args->mm;
-	count(C_KSM_ENTER);
+	count(C_MM_ENTERS);
 	mm_get(mm);
 	u32 pid = 0;
 #ifdef OFF_TASK_MM
@@ -467,7 +470,7 @@ TRACEPOINT_PROBE(ksm, ksm_enter)
 TRACEPOINT_PROBE(ksm, ksm_exit)
 {
 	u64 mm = (u64)args->mm;
-	count(C_KSM_EXIT);
+	count(C_MM_EXITS);
 	emit(args, EV_KSM_EXIT, 0, mm, 0, 0, 0, 0, owner_pid(mm));
 	return 0;
 }
@@ -496,7 +499,7 @@ TRACEPOINT_PROBE(mmap_lock, mmap_lock_start_locking)
 	struct owner o = { .pid = r->pid };
 	owners.update(&mm, &o);
 	mm_get(mm);	/* a KSM mm from now on: its write faults count (COW_EST) */
-	count(C_OWNER_RESOLVED);
+	count(C_OWNERS_RESOLVED);
 	return 0;
 }
 #endif
@@ -505,7 +508,7 @@ TRACEPOINT_PROBE(mmap_lock, mmap_lock_start_locking)
 #ifdef REMOVE_TP
 TRACEPOINT_PROBE(ksm, ksm_remove_ksm_page)
 {
-	count(C_REMOVE_KSM_PAGE);
+	count(C_KSM_PAGES_REMOVED);
 	emit(args, EV_REMOVE_KSM_PAGE, 0, 0, args->pfn, 0, 0, 0, 0);
 	return 0;
 }
@@ -513,7 +516,7 @@ TRACEPOINT_PROBE(ksm, ksm_remove_ksm_page)
 TRACEPOINT_PROBE(ksm, ksm_remove_rmap_item)
 {
 	u64 mm = (u64)args->mm;
-	count(C_REMOVE_RMAP_ITEM);
+	count(C_RMAP_ITEMS_REMOVED);
 	struct mm_stats *s = mm_stats.lookup(&mm);
 	if (s)
 		__sync_fetch_and_add(&s->rmap_removed, 1);
@@ -535,7 +538,7 @@ TRACEPOINT_PROBE(exceptions, page_fault_user)
 	if (!s)
 		return 0;
 	__sync_fetch_and_add(&s->wp_faults, 1);
-	count(C_WP_FAULT);
+	count(C_WP_FAULTS);
 	emit(args, EV_WP_FAULT, 0, mm, 0, 0, args->address, 0, bpf_get_current_pid_tgid() >> 32);
 	return 0;
 }
@@ -657,8 +660,8 @@ static __always_inline void cow_exit(void *ctx, u64 vmf, u32 ret)
 			return;
 		}
 	}
-	count(C_COW_WRITE + c->sub);
-	hist_add(H_COW_LATENCY, lat);
+	count(C_COW_WRITES + c->sub);
+	hist_add(H_COW_LATENCY_SECONDS, lat);
 	struct mm_stats *s = mm_get(c->mm);
 	if (s)
 		__sync_fetch_and_add(&s->cow[c->sub & 1], 1);
@@ -724,8 +727,8 @@ static __always_inline void unshare_exit(void *ctx, int ret)
 		return;
 	u64 lat = bpf_ktime_get_ns() - *ts;
 	unshare_calls.delete(&tid);
-	count(C_UNSHARE);
-	hist_add(H_UNSHARE_LATENCY, lat);
+	count(C_UNSHARES);
+	hist_add(H_UNSHARE_LATENCY_SECONDS, lat);
 	emit(ctx, EV_UNSHARE, 0, 0, 0, lat, 0, ret, bpf_get_current_pid_tgid() >> 32);
 }
 

@@ -54,25 +54,28 @@ struct ksm_event {		/* 72 bytes */
 	char comm[16];		/* 56: comm of the thread that hit the probe */
 };
 
-/* Monotonic counters, one slot each (per-CPU array). */
+/* Monotonic counters, one slot each (per-CPU array). C_<NAME> is the figure
+ * <name> of ksmtrace/figures.py (COUNTERS, in this order; a unit test checks). */
 enum ksm_counter {
-	C_SCAN_START, C_SCAN_STOP,
-	C_MERGE_OK_NEW, C_MERGE_OK_INTO, C_MERGE_OK_ZERO,
-	C_MERGE_FAIL_NEW, C_MERGE_FAIL_INTO, C_MERGE_FAIL_ZERO,
-	C_REMOVE_KSM_PAGE, C_REMOVE_RMAP_ITEM,
-	C_KSM_ENTER, C_KSM_EXIT,
-	C_COW_WRITE, C_COW_UNSHARE, C_WP_FAULT,
-	C_UNSHARE,
-	C_ADVISOR,
+	C_SCAN_STARTS, C_SCAN_ROUNDS,
+	C_MERGES_NEW_KSM_PAGE, C_MERGES_INTO_KSM_PAGE, C_MERGES_ZERO_PAGE,
+	C_MERGE_FAILURES_NEW_KSM_PAGE, C_MERGE_FAILURES_INTO_KSM_PAGE, C_MERGE_FAILURES_ZERO_PAGE,
+	C_KSM_PAGES_REMOVED, C_RMAP_ITEMS_REMOVED,
+	C_MM_ENTERS, C_MM_EXITS,
+	C_COW_WRITES, C_COW_UNSHARES, C_WP_FAULTS,
+	C_UNSHARES,
+	C_ADVISOR_RUNS,
 	C_EVENTS_SENT, C_EVENTS_LOST,
-	C_OWNER_RESOLVED,
-	C_SCAN_BATCH, C_PAGE_COMPARE,
+	C_OWNERS_RESOLVED,
+	C_SCAN_BATCHES, C_PAGES_COMPARED,
 	C_NR
 };
 
-/* Histograms: key = {which, log2 slot}. */
-enum ksm_hist { H_SCAN_ROUND = 0, H_MERGE_LATENCY = 1, H_COW_LATENCY = 2, H_UNSHARE_LATENCY = 3,
-		H_SCAN_BATCH = 4 };
+/* Histograms: key = {which, log2 slot}. H_<NAME>: figures.HISTOGRAMS, in order. */
+enum ksm_hist {
+	H_SCAN_ROUND_SECONDS, H_MERGE_LATENCY_SECONDS, H_COW_LATENCY_SECONDS,
+	H_UNSHARE_LATENCY_SECONDS, H_SCAN_BATCH_SECONDS,
+};
 #define HIST_SLOTS 64
 
 struct hist_key { u32 which; u32 slot; };

@@ -111,10 +111,10 @@ def build() -> dict:
     L.add("timeseries", "Scan-round duration", "ksm_start_scan to ksm_stop_scan, p50 and p99 "
           "from the kernel's log2 histogram",
           targets((f"histogram_quantile(0.5, sum by (instance, le) "
-                   f"(rate(ksmtrace_scan_round_duration_seconds_bucket{{{I}}}[{R}])))",
+                   f"(rate(ksmtrace_scan_round_seconds_bucket{{{I}}}[{R}])))",
                    "{{instance}} p50"),
                   (f"histogram_quantile(0.99, sum by (instance, le) "
-                   f"(rate(ksmtrace_scan_round_duration_seconds_bucket{{{I}}}[{R}])))",
+                   f"(rate(ksmtrace_scan_round_seconds_bucket{{{I}}}[{R}])))",
                    "{{instance}} p99")), "s")
     L.add("timeseries", "ksmd settings", "run (0 stopped, 1 merging, 2 unmerging), pages_to_scan "
           "per batch, sleep between batches",
@@ -201,7 +201,7 @@ def build() -> dict:
     L.add("timeseries", "COW-break latency", "do_wp_page on a KSM page, p99; needs fentry or "
           "kprobe",
           targets((f"histogram_quantile(0.99, sum by (instance, le) "
-                   f"(rate(ksmtrace_cow_break_latency_seconds_bucket{{{I}}}[{R}])))",
+                   f"(rate(ksmtrace_cow_latency_seconds_bucket{{{I}}}[{R}])))",
                    "{{instance}} p99")), "s", w=12)
 
     L.row("Cost against savings")

@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from ksmtrace.figures import AGGREGATES, COUNTER_SLOTS, RATES, aggregate
 from ksmtrace.kernel.procfs import KsmStat
 from ksmtrace.model import (
-    BPF_COUNTERS,
     EVENT_SIZE,
-    RATE_COUNTERS,
     CounterSample,
     EventTail,
     MmStats,
@@ -28,6 +27,7 @@ from ksmtrace.sources import Source
 
 MAX_EXITED = 256  # exited processes kept in the table (most recent)
 EVENT_TAIL = 512  # events kept per snapshot for views (all are recorded)
+ALL_EVENTS = None  # event_tail for views that show every event (trace, timeline)
 
 
 def kernel_counter(s: CounterSample, name: str) -> int | None:
@@ -73,8 +73,10 @@ class _MmState:
 
 class Collector:
     def __init__(self, source: str, probes: tuple[ProbeStatus, ...] = (),
-                 notes: tuple[str, ...] = (), cow_estimated: bool = False):
+                 notes: tuple[str, ...] = (), cow_estimated: bool = False,
+                 event_tail: int | None = EVENT_TAIL):
         self.source = source
+        self.event_tail = event_tail
         self.probes = probes
         self.notes = notes
         self.cow_estimated = cow_estimated
@@ -90,9 +92,9 @@ class Collector:
 
     # ------------------------------------------------------------------
     @classmethod
-    def for_source(cls, src: Source) -> Collector:
+    def for_source(cls, src: Source, event_tail: int | None = EVENT_TAIL) -> Collector:
         """The collector of a source: its kind, probes, notes and COW estimate."""
-        return cls(src.kind, src.probes, src.notes, src.cow_estimated)
+        return cls(src.kind, src.probes, src.notes, src.cow_estimated, event_tail)
 
     def add_tick(self, tick: Tick) -> Snapshot:
         prev, self._prev = self._prev, tick
@@ -103,7 +105,7 @@ class Collector:
 
         totals: dict[str, int] = {}
         deltas: dict[str, int] = {}
-        for name in RATE_COUNTERS:
+        for name in RATES:
             now, first = kernel_counter(c, name), kernel_counter(self._first, name)
             if now is None or first is None:
                 continue
@@ -114,14 +116,14 @@ class Collector:
 
         b = tick.bpf
         if b is not None:
-            for name in BPF_COUNTERS:
+            for name in COUNTER_SLOTS:
                 totals[name] = b.counters.get(name, 0)
                 if prev is not None and prev.bpf is not None:
                     deltas[name] = totals[name] - prev.bpf.counters.get(name, 0)
-            for agg in ("merges", "merge_failures", "cow_breaks"):
-                totals[agg] = _agg(b.counters, agg)
+            for agg in AGGREGATES:
+                totals[agg.name] = aggregate(agg.name, b.counters)
                 if prev is not None and prev.bpf is not None:
-                    deltas[agg] = totals[agg] - _agg(prev.bpf.counters, agg)
+                    deltas[agg.name] = totals[agg.name] - aggregate(agg.name, prev.bpf.counters)
             self._update_processes(tick, deltas.get("cow_ksm", 0))
         else:
             self._update_processes(tick, 0)
@@ -130,8 +132,14 @@ class Collector:
         lost = 0
         if b is not None:
             lost = b.counters.get("events_lost", 0) + b.perf_lost
-        # the newest events for views, decoded only if a view reads them
-        events = EventTail(tick.events[-EVENT_TAIL * EVENT_SIZE:]) if tick.events else ()
+        # the newest events for views, decoded (owners resolved) only if a view reads them
+        events: EventTail | tuple = ()
+        comms: dict[int, str] = {}
+        if tick.events:
+            raw = tick.events if self.event_tail is None else \
+                tick.events[-self.event_tail * EVENT_SIZE:]
+            events = EventTail(raw, dict(self._owner))
+            comms = self._comms(tick)
         return Snapshot(
             seq=tick.seq,
             wall=c.wall,
@@ -152,9 +160,18 @@ class Collector:
             notes=self.notes,
             programs=b.programs if b is not None else (),
             page_maps=tick.page_maps,
+            mono=c.mono,
+            comms=comms,
         )
 
     # ------------------------------------------------------------------
+    def _comms(self, tick: Tick) -> dict[int, str]:
+        """pid -> comm of the processes events may belong to: what BPF saw
+        for the owners, then what the counter poll read."""
+        out = dict(tick.bpf.comms) if tick.bpf is not None else {}
+        out.update((pid, p.comm) for pid, p in self._procs.items() if p.comm != "?")
+        return out
+
     def _proc(self, pid: int) -> _Proc:
         p = self._procs.get(pid)
         if p is None:
@@ -252,12 +269,3 @@ class Collector:
         rows.sort(key=lambda r: (-(r.merging_pages or 0), -r.merges, r.pid))
         return tuple(rows)
 
-
-def _agg(counters: dict[str, int], name: str) -> int:
-    if name == "merges":
-        return sum(counters.get(f"merges_{k}", 0) for k in
-                   ("new_ksm_page", "into_ksm_page", "zero_page"))
-    if name == "merge_failures":
-        return sum(counters.get(f"merge_failures_{k}", 0) for k in
-                   ("new_ksm_page", "into_ksm_page", "zero_page"))
-    return counters.get("cow_writes", 0) + counters.get("cow_unshares", 0)

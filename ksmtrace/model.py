@@ -12,10 +12,11 @@ Coming out: an immutable `Snapshot` per interval. Views read snapshots only.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import IntEnum
 
+from ksmtrace.figures import FIGURES, cow_kind, errno_name, merge_kind_text
 from ksmtrace.kernel.pagemap import PAGE_SIZE, PageMap
 from ksmtrace.kernel.procfs import KsmStat, KsmVmstat
 from ksmtrace.kernel.sysfs import KsmSysfs
@@ -53,24 +54,16 @@ EVENT_STAGE = {
 }
 
 
-class MergeKind(IntEnum):
-    NEW_PAIR = 0  # the page became a new KSM page
-    INTO_KSM = 1  # the page joined an existing KSM page
-    ZERO = 2  # the page was merged with the zero page
-
-
-MERGE_KIND_NAMES = ("new_ksm_page", "into_ksm_page", "zero_page")
-
-
-class CowKind(IntEnum):
-    WRITE = 0  # a user write to a KSM page
-    UNSHARE = 1  # FAULT_FLAG_UNSHARE: break_ksm, GUP pin
-
-
-# struct ksm_event, 72 bytes, little-endian (x86_64 and arm64 hosts)
-EVENT_STRUCT = struct.Struct("<QQQQQIIiHH16s")
+# struct ksm_event, little-endian (x86_64 and arm64 hosts): (field, format),
+# in bpf/ksmtrace.h order. The one Python description of the layout.
+EVENT_FIELDS = (("ts_ns", "Q"), ("mm", "Q"), ("pfn", "Q"), ("value", "Q"), ("aux", "Q"),
+                ("pid", "I"), ("tid", "I"), ("err", "i"), ("kind", "H"), ("sub", "H"),
+                ("comm", "16s"))
+EVENT_STRUCT = struct.Struct("<" + "".join(f for _, f in EVENT_FIELDS))
 EVENT_SIZE = EVENT_STRUCT.size
-assert EVENT_SIZE == 72
+EVENT_OFFSETS = {name: struct.calcsize("<" + "".join(f for _, f in EVENT_FIELDS[:i]))
+                 for i, (name, _) in enumerate(EVENT_FIELDS)}
+assert EVENT_SIZE == 72 and EVENT_OFFSETS["kind"] == 52
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +97,57 @@ class Event:
     def rmap_entries(self) -> int:
         return self.aux >> 32
 
+    @property
+    def name(self) -> str:
+        """The event's name in every view (trace, event log, timeline)."""
+        return EVENT_NAMES.get(self.kind, str(self.kind))
 
-def iter_events(blob: bytes | memoryview):
-    """Decode a packed run of events (fast path: struct.iter_unpack)."""
+    def describe(self) -> str:
+        """What the event says, in words: the one rendering every view uses."""
+        k = self.kind
+        if k == EventKind.MERGE:
+            lat = f" {self.value / 1000:.1f}us" if self.value else ""
+            return (f"{merge_kind_text(self.sub)} pfn={self.pfn:#x} {errno_name(self.err)}"
+                    f"{lat}")
+        if k in (EventKind.SCAN_START, EventKind.SCAN_STOP):
+            took = f" took {self.value / 1e6:.3f}ms" if k == EventKind.SCAN_STOP and \
+                self.value else ""
+            return f"round {self.scan_seq} rmap_entries={self.rmap_entries}{took}"
+        if k == EventKind.COW:
+            return f"{cow_kind(self.sub)} pfn={self.pfn:#x} {self.value / 1000:.1f}us"
+        if k in (EventKind.REMOVE_KSM_PAGE, EventKind.REMOVE_RMAP_ITEM):
+            return f"pfn={self.pfn:#x}"
+        if k == EventKind.UNSHARE:
+            return f"break_ksm {errno_name(self.err)} {self.value / 1000:.1f}us"
+        if k == EventKind.WP_FAULT:
+            return f"write-protect fault at {self.aux:#x} (COW estimate basis)"
+        if k == EventKind.ADVISOR:
+            return f"scan_time={self.value} pages_to_scan={self.aux} cpu={self.sub}%"
+        return f"mm={self.mm:#x}"
+
+
+EVENT_NAMES = {
+    EventKind.SCAN_START: "scan_start",
+    EventKind.SCAN_STOP: "scan_stop",
+    EventKind.MERGE: "merge",
+    EventKind.REMOVE_KSM_PAGE: "remove_ksm_page",
+    EventKind.REMOVE_RMAP_ITEM: "remove_rmap_item",
+    EventKind.KSM_ENTER: "ksm_enter",
+    EventKind.KSM_EXIT: "ksm_exit",
+    EventKind.COW: "cow_break",
+    EventKind.WP_FAULT: "wp_fault",
+    EventKind.ADVISOR: "advisor",
+    EventKind.UNSHARE: "unshare",
+}
+
+
+def iter_events(blob: bytes | memoryview, owners: Mapping[int, int] | None = None):
+    """Decode a packed run of events (fast path: struct.iter_unpack). With
+    `owners` (mm -> pid), an event whose owner BPF did not know gets the pid
+    of its mm's owner."""
     for t in EVENT_STRUCT.iter_unpack(blob):
-        yield Event(*t[:10], t[10].split(b"\0", 1)[0].decode("utf-8", "replace"))
+        pid = t[5] or (owners.get(t[1], 0) if owners else 0)
+        yield Event(*t[:5], pid, *t[6:10], t[10].split(b"\0", 1)[0].decode("utf-8", "replace"))
 
 
 class EventTail(Sequence[Event]):
@@ -117,12 +156,13 @@ class EventTail(Sequence[Event]):
     decoding is what a tick of the collector would otherwise spend most of
     its time on (bench/collector.py). Immutable, compares like a tuple."""
 
-    __slots__ = ("_raw", "_decoded")
+    __slots__ = ("_raw", "_owners", "_decoded")
 
-    def __init__(self, raw: bytes = b""):
+    def __init__(self, raw: bytes = b"", owners: Mapping[int, int] | None = None):
         if len(raw) % EVENT_SIZE:
             raise ValueError(f"{len(raw)} bytes is not a whole number of events")
         self._raw = bytes(raw)
+        self._owners = owners  # mm -> pid when the events were collected
         self._decoded: tuple[Event, ...] | None = None
 
     @property
@@ -131,7 +171,7 @@ class EventTail(Sequence[Event]):
 
     def _all(self) -> tuple[Event, ...]:
         if self._decoded is None:
-            self._decoded = tuple(iter_events(self._raw))
+            self._decoded = tuple(iter_events(self._raw, self._owners))
         return self._decoded
 
     def __len__(self) -> int:
@@ -185,25 +225,6 @@ class CounterSample:
     vmstat: KsmVmstat
     processes: tuple[ProcessSample, ...] = ()
     ksmd_cpu_ticks: int | None = None  # ksmd's utime+stime (USER_HZ ticks); None: unknown
-
-
-# Names of the BPF counter slots, in enum ksm_counter order (bpf/ksmtrace.h).
-BPF_COUNTERS = (
-    "scan_starts", "scan_rounds",
-    "merges_new_ksm_page", "merges_into_ksm_page", "merges_zero_page",
-    "merge_failures_new_ksm_page", "merge_failures_into_ksm_page",
-    "merge_failures_zero_page",
-    "ksm_pages_removed", "rmap_items_removed",
-    "mm_enters", "mm_exits",
-    "cow_writes", "cow_unshares", "wp_faults",
-    "unshares",
-    "advisor_runs",
-    "events_sent", "events_lost",
-    "owners_resolved",
-    "scan_batches", "pages_compared",
-)
-HISTOGRAMS = ("scan_round_seconds", "merge_latency_seconds", "cow_latency_seconds",
-              "unshare_latency_seconds", "scan_batch_seconds")
 
 
 @dataclass(frozen=True)
@@ -270,17 +291,6 @@ class Tick:
 # Snapshots: what views read
 
 
-RATE_COUNTERS = {
-    "pages_scanned": "scanned",
-    "pages_skipped": "skipped",
-    "full_scans": "scan_rounds",
-    "merged_pages": "merged",  # pages_shared + pages_sharing
-    "ksm_zero_pages": "zero_merged",
-    "cow_ksm": "cow_breaks",
-    "ksmd_cpu_ticks": "ksmd_cpu",  # /proc/<ksmd>/stat; rate / CLK_TCK = cores used
-}
-
-
 @dataclass(frozen=True)
 class ProcessRow:
     pid: int
@@ -305,8 +315,9 @@ class Snapshot:
 
     `totals` are since the source started (sysfs/vmstat figures as the change
     since the first tick, BPF figures since the programs were loaded);
-    `rates` are per second over this interval. Both use the names in
-    RATE_COUNTERS (kernel counters) and BPF_COUNTERS (traced events).
+    `rates` are per second over this interval. Both are keyed by the
+    figure names of ksmtrace.figures; `observed(name)` says whether a figure
+    was observed at all (a missing figure is not a zero).
     """
 
     seq: int
@@ -328,6 +339,27 @@ class Snapshot:
     notes: tuple[str, ...] = ()  # what this source cannot see, and why
     programs: tuple[ProgramCost, ...] = ()  # ksmtrace's own BPF cost, since load
     page_maps: dict[int, PageMap | str] = field(default_factory=dict)  # see Tick
+    mono: float = 0.0  # time.monotonic() of the poll: the events' clock (CLOCK_MONOTONIC)
+    comms: Mapping[int, str] = field(default_factory=dict)  # pid -> comm of event owners
+
+    def observed(self, name: str) -> bool:
+        """Whether figure `name` was observed here: a kernel figure this
+        kernel has, or a traced one whose probe is attached with a method
+        that produces it. The only answer to "is this figure traced here?"."""
+        f = FIGURES[name]
+        if f.source != "bpf":
+            if name.startswith("process_"):  # a ProcessRow field, read from procfs
+                return any(getattr(r, name[8:]) is not None for r in self.processes)
+            return name in self.totals or getattr(self.ksm, name, None) is not None
+        if not self.traced:
+            return False
+        if f.probe is None:  # ksmtrace's own figures: there whenever BPF is
+            return True
+        p = next((p for p in self.probes if p.probe == f.probe), None)
+        return p is not None and p.attached and p.method in f.methods
+
+    def comm_of(self, pid: int) -> str:
+        return self.comms.get(pid, "?")
 
     @property
     def saved_bytes(self) -> int:
@@ -338,7 +370,8 @@ class Snapshot:
         return tuple(p for p in self.probes if not p.attached)
 
     def as_dict(self) -> dict:
-        d = asdict(replace(self, page_maps={}))
+        d = asdict(replace(self, page_maps={}, comms={}))
+        del d["comms"]
         d["saved_bytes"] = self.saved_bytes
         d["ksm"] = self.ksm.as_dict()
         d["events"] = [asdict(e) for e in self.events]

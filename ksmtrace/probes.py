@@ -59,10 +59,8 @@ class Build:
 
     @property
     def merge_slot(self) -> bool:
-        """Whether ksmd's merges gather in `merge_slot` before mm_stats (the
-        C side's MERGE_SLOT condition: a merge probe, and scan-round ends)."""
-        parts = self.parts
-        return "SCAN_TP" in parts and ("MERGE_TP" in parts or "MERGE_FN" in parts)
+        """Whether ksmd's merges gather in `merge_slot` before mm_stats."""
+        return "MERGE_SLOT" in self.parts
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -71,8 +69,8 @@ class Build:
                      if f.startswith("-D") and f[2:].split("=")[0] in PARTS)
 
 
-PARTS = ("SCAN_TP", "SCAN_FN", "CMP_FN", "ADVISOR_TP", "MERGE_TP", "MERGE_FN", "MM_TP",
-         "RESOLVER", "REMOVE_TP", "COW_EST", "COW_FN", "UNSHARE_FN")
+PARTS = ("SCAN_TP", "SCAN_FN", "CMP_FN", "ADVISOR_TP", "MERGE_TP", "MERGE_FN", "MERGE_SLOT",
+         "MM_TP", "RESOLVER", "REMOVE_TP", "COW_EST", "COW_FN", "UNSHARE_FN")
 
 
 def _status(c: Choice, attached: bool, error: str | None = None) -> ProbeStatus:
@@ -99,8 +97,8 @@ def build(plan: Plan, facts: Facts, stream: bool) -> Build:
             continue
         if c.probe == "scan_rounds":
             flags.append("-DSCAN_TP")
-            if facts.tracepoints.get("ksm:ksm_advisor"):
-                flags.append("-DADVISOR_TP")
+        elif c.probe == "advisor":
+            flags.append("-DADVISOR_TP")
         elif c.probe == "merges":
             if c.method == "tracepoint":
                 flags.append("-DMERGE_TP")
@@ -126,6 +124,11 @@ def build(plan: Plan, facts: Facts, stream: bool) -> Build:
             flags.append(f"-DCMP_FN={_FN_METHOD[c.method]}")
             if c.method == "kprobe":
                 kprobes.append(Kprobe("cmp_and_merge_page", "kp_page_compare", False))
+    # ksmd's merges gather in one slot, flushed at scan-round ends (see
+    # bpf/ksmtrace.bpf.c): only where both are traced
+    if {"scan_rounds", "merges"} <= {c.probe for c in plan.choices
+                                     if c.method not in (None, "polling")}:
+        flags.append("-DMERGE_SLOT")
     for key, name in LAYOUT_FLAGS.items():
         if key in facts.layout:
             flags.append(f"-D{name}={facts.layout[key]}")

@@ -39,8 +39,8 @@ Format, version 2. All integers little-endian.
         "vmstat"     {"cow_ksm", "ksm_swpin_copy"}
         "processes"  [[pid, comm, cgroup, {KsmStat field: value}], ...]
         "bpf"        (BpfTotals; only when BPF ran) {
-            "counters"   {BPF counter name: n}      (model.BPF_COUNTERS)
-            "hist"       {histogram: {log2(ns) slot: n}}  (model.HISTOGRAMS)
+            "counters"   {BPF counter name: n}      (figures.COUNTERS)
+            "hist"       {histogram: {log2(ns) slot: n}}  (figures.HISTOGRAMS)
             "errors"     {"<merge kind>:<-errno>": n}
             "mms", "exited"  {mm: [[merges new, into, zero], merge_failures,
                                    [cow writes, unshares], wp_faults,
@@ -281,6 +281,23 @@ def _unknown_kind(events: bytes) -> str:
     raise AssertionError("no unknown kind")
 
 
+def _advisor_status(probes: tuple[ProbeStatus, ...], header: dict) -> tuple[ProbeStatus, ...]:
+    """The advisor's probe status for recordings from before it had a probe
+    of its own: its tracepoint was attached with the scan rounds' wherever
+    the kernel had it."""
+    names = [p.probe for p in probes]
+    if "advisor" in names or "scan_rounds" not in names:
+        return probes
+    tps = (header.get("facts") or {}).get("tracepoints") or {}
+    i = names.index("scan_rounds")
+    scan = probes[i]
+    if not (tps.get("ksm:ksm_advisor") and scan.attached and scan.method == "tracepoint"):
+        return probes
+    advisor = ProbeStatus("advisor", "searching", "tracepoint", ("ksm:ksm_advisor",), True,
+                          False)
+    return probes[: i + 1] + (advisor,) + probes[i + 1:]
+
+
 class Recording:
     """A recording opened for reading: `header` at once, `ticks()` lazily.
 
@@ -390,7 +407,8 @@ class Recording:
             self.header, h = self._rs.header(payload)
         except self._rs.SchemaError as e:
             raise self._schema(e, "header", DATA_START) from None
-        self._probes = tuple(self._rs.probe(p) for p in h.probes)
+        self._probes = _advisor_status(tuple(self._rs.probe(p) for p in h.probes),
+                                       self.header)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -8,7 +8,6 @@ reports its final snapshot, so a report's totals are the live run's totals.
 from __future__ import annotations
 
 import argparse
-import errno as errno_mod
 import json
 import os
 import platform
@@ -20,16 +19,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from ksmtrace import argtypes, session
-from ksmtrace.collector import Collector
+from ksmtrace.collector import ALL_EVENTS, Collector
 from ksmtrace.errors import BadRecording, KsmtraceError
+from ksmtrace.figures import (
+    MERGE_KIND_TEXT,
+    MERGE_KINDS,
+    cow_kind,
+    errno_name,
+    merge_kind,
+    split_error_key,
+)
 from ksmtrace.model import (
+    EVENT_NAMES,
+    EVENT_OFFSETS,
     EVENT_SIZE,
-    MERGE_KIND_NAMES,
-    CowKind,
     EventKind,
     ProbeStatus,
     Snapshot,
-    iter_events,
 )
 from ksmtrace.outfile import open_output
 from ksmtrace.record import Recorder, probe_to_json
@@ -167,8 +173,8 @@ class Replayed:
 
 def count_kinds(blob: bytes, counts: dict[int, int]) -> None:
     """Add the events in `blob` to `counts` by kind, reading only the kind
-    field (offset 52; every kind fits in its low byte)."""
-    kinds = blob[52::EVENT_SIZE]
+    field's low byte (little-endian; every kind fits in it)."""
+    kinds = blob[EVENT_OFFSETS["kind"]::EVENT_SIZE]
     for k in set(kinds):
         counts[k] = counts.get(k, 0) + kinds.count(k)
 
@@ -192,45 +198,8 @@ def replay(path: str) -> Replayed:
                            "interval")
     if (warning := rec.cut_warning()) is not None:
         print(warning, file=sys.stderr)
-    by_kind = {(EventKind(k).name.lower() if k in EventKind._value2member_map_ else str(k)): c
-               for k, c in sorted(kinds.items())}
+    by_kind = {EVENT_NAMES.get(k, str(k)): c for k, c in sorted(kinds.items())}
     return Replayed(src, first, last, n, by_kind)
-
-
-# BPF counters and the probe that must be traced (not polled, not missed) for
-# them to mean anything; where it is not, the report says "not observed"
-# instead of printing a misleading 0.
-FIGURE_PROBE = {
-    "scan_rounds": "scan_rounds",
-    "scan_batches": "scan_batches",
-    "pages_compared": "page_compares",
-    "merges": "merges",
-    "merge_failures": "merges",
-    "mm_enters": "mm_owners",
-    "mm_exits": "mm_owners",
-    "owners_resolved": "mm_owners",
-    "cow_breaks": "cow_breaks",
-    "cow_writes": "cow_breaks",
-    "cow_unshares": "cow_breaks",
-    "wp_faults": "cow_breaks",
-    "unshares": "unshares",
-    "ksm_pages_removed": "stable_removals",
-    "rmap_items_removed": "stable_removals",
-    **{f"merges_{k}": "merges" for k in MERGE_KIND_NAMES},
-    **{f"merge_failures_{k}": "merges" for k in MERGE_KIND_NAMES},
-}
-
-
-def _traced(probes: dict[str, ProbeStatus], figure: str, cow_estimated: bool) -> bool:
-    p = probes.get(FIGURE_PROBE.get(figure, ""))
-    if p is None or not p.attached or p.method in (None, "polling"):
-        return False
-    # estimated COW counts write-protect faults, not the breaks themselves
-    if figure in ("cow_breaks", "cow_writes", "cow_unshares"):
-        return not cow_estimated
-    if figure == "wp_faults":
-        return cow_estimated
-    return True
 
 
 def _hist(slots: dict[int, int]) -> list[dict[str, int]]:
@@ -241,12 +210,8 @@ def _hist(slots: dict[int, int]) -> list[dict[str, int]]:
 
 def _errno_label(key: str) -> str:
     """'into_ksm_page:-16' -> 'into_ksm_page: -16 EBUSY'."""
-    kind, _, err = key.rpartition(":")
-    try:
-        e = int(err)
-    except ValueError:
-        return key
-    return f"{kind}: {e} {errno_mod.errorcode.get(abs(e), '?')}"
+    kind, err = split_error_key(key)
+    return key if err is None else f"{kind}: {err} {errno_name(err)}"
 
 
 def summarise(path: str) -> dict[str, Any]:
@@ -255,18 +220,12 @@ def summarise(path: str) -> dict[str, Any]:
     first, last = r.first, r.last
     h = r.source.header
     rec = r.source.recording
-    probes = {p.probe: p for p in last.probes}
     t = last.totals
     est = last.cow_estimated
 
     def fig(name: str) -> int | None:
-        """A traced total, or None where its probe did not observe it."""
-        if name in FIGURE_PROBE and not _traced(probes, name, est):
-            return None
-        return t.get(name)
-
-    facts = h.get("facts") or {}
-    advisor = bool((facts.get("tracepoints") or {}).get("ksm:ksm_advisor"))
+        """A total, or None where it was not observed."""
+        return t.get(name) if last.observed(name) else None
     processes = [{
         "pid": p.pid, "comm": p.comm, "cgroup": p.cgroup, "merges": p.merges,
         "merging_pages": p.merging_pages, "zero_pages": p.zero_pages,
@@ -294,15 +253,15 @@ def summarise(path: str) -> dict[str, Any]:
             "pages_skipped": t.get("pages_skipped"),
             "scan_batches": fig("scan_batches"),
             "pages_compared": fig("pages_compared"),
-            **({"advisor_runs": t.get("advisor_runs")} if advisor else {}),
+            **({"advisor_runs": fig("advisor_runs")} if last.observed("advisor_runs") else {}),
             "round_duration": _hist(last.hist.get("scan_round_seconds", {})),
             "batch_duration": _hist(last.hist.get("scan_batch_seconds", {})),
         },
         "merging": {
             "merges": fig("merges"),
-            "by_kind": {k: fig(f"merges_{k}") for k in MERGE_KIND_NAMES},
+            "by_kind": {k: fig(f"merges_{k}") for k in MERGE_KINDS},
             "failures": fig("merge_failures"),
-            "failures_by_kind": {k: fig(f"merge_failures_{k}") for k in MERGE_KIND_NAMES},
+            "failures_by_kind": {k: fig(f"merge_failures_{k}") for k in MERGE_KINDS},
             "failures_by_errno": dict(sorted(last.errors.items())),
             "merged_pages": t.get("merged_pages"),  # Δ(pages_shared + pages_sharing)
             "ksm_zero_pages": t.get("ksm_zero_pages"),
@@ -337,10 +296,6 @@ def summarise(path: str) -> dict[str, Any]:
                    "sent": t.get("events_sent"), "by_kind": r.events_by_kind},
         "totals": t,  # the collector's final totals, every name
     }
-
-
-MERGE_KIND_LABELS = {"new_ksm_page": "new KSM page (pair)", "into_ksm_page": "into a KSM page",
-                     "zero_page": "into the zero page"}
 
 
 def _duration(ns: int) -> str:
@@ -396,8 +351,8 @@ def format_report(r: dict[str, Any]) -> str:
     m = r["merging"]
     out.append("\nmerging")
     row("merges (traced)", m["merges"])
-    for k, v in m["by_kind"].items():
-        row(f"  {MERGE_KIND_LABELS[k]}", v)
+    for text, v in zip(MERGE_KIND_TEXT, m["by_kind"].values(), strict=True):
+        row(f"  {text}", v)
     row("failed merge attempts (traced)", m["failures"])
     for k, v in m["failures_by_errno"].items():
         row(f"  {_errno_label(k)}", v)
@@ -470,10 +425,6 @@ def run_report(args: argparse.Namespace) -> int:
 KSMD_SORT = -1  # ksmd's track first
 
 
-def _errname(err: int) -> str:
-    return "ok" if err == 0 else errno_mod.errorcode.get(abs(err), str(err))
-
-
 def _timeline_events(src: ReplaySource) -> tuple[list[dict[str, Any]], dict[int, str], int | None]:
     """Trace events with "ts" in ns and pid None for ksmd's track; pid ->
     comm; ksmd's pid (from the scan events)."""
@@ -481,20 +432,17 @@ def _timeline_events(src: ReplaySource) -> tuple[list[dict[str, Any]], dict[int,
     starts: dict[int, int] = {}  # scan seq -> start ns
     names: dict[int, str] = {}
     ksmd = None
+    col = Collector.for_source(src, ALL_EVENTS)
     for tick in src.ticks():
-        for p in tick.counters.processes:
-            names.setdefault(p.pid, p.comm)
-        owners: dict[int, int] = {}
-        if tick.bpf is not None:
-            owners = tick.bpf.owners
-            for pid, comm in tick.bpf.comms.items():
-                names.setdefault(pid, comm)
-        k = tick.counters.ksm
+        snap = col.add_tick(tick)
+        for pid, comm in snap.comms.items():
+            names.setdefault(pid, comm)
+        k = snap.ksm
         pages = {"shared": k.pages_shared, "sharing": k.pages_sharing, "zero": k.ksm_zero_pages}
-        raw.append({"name": "KSM pages", "ph": "C", "pid": None, "ts": tick.counters.mono * 1e9,
+        raw.append({"name": "KSM pages", "ph": "C", "pid": None, "ts": snap.mono * 1e9,
                     "args": {n: v for n, v in pages.items() if v is not None}})
-        for e in iter_events(tick.events):
-            kind = EventKind(e.kind) if e.kind in EventKind._value2member_map_ else None
+        for e in snap.events:
+            kind = e.kind
             if kind == EventKind.SCAN_START:
                 ksmd = ksmd or e.tid
                 starts[e.scan_seq] = e.ts_ns
@@ -510,15 +458,13 @@ def _timeline_events(src: ReplaySource) -> tuple[list[dict[str, Any]], dict[int,
                                 "args": {"seq": e.scan_seq, "rmap_entries": e.rmap_entries}})
             elif kind in (EventKind.MERGE, EventKind.COW, EventKind.WP_FAULT,
                           EventKind.UNSHARE):
-                pid = e.pid or owners.get(e.mm, 0)
                 if kind == EventKind.MERGE:
-                    what = MERGE_KIND_NAMES[e.sub] if e.sub < len(MERGE_KIND_NAMES) \
-                        else str(e.sub)
+                    what = merge_kind(e.sub)
                     name = f"merge {what}" if e.err == 0 else \
-                        f"merge {what} failed ({_errname(e.err)})"
+                        f"merge {what} failed ({errno_name(e.err)})"
                     cat = "merging"
                 elif kind == EventKind.COW:
-                    what = CowKind(e.sub).name.lower() if e.sub < 2 else str(e.sub)
+                    what = cow_kind(e.sub)
                     name, cat = f"cow break ({what})", "updating"
                 elif kind == EventKind.WP_FAULT:
                     # tracepoint-only kernels: the basis of the COW estimate
@@ -529,10 +475,10 @@ def _timeline_events(src: ReplaySource) -> tuple[list[dict[str, Any]], dict[int,
                 args = {"kind": what, "err": e.err, "pfn": hex(e.pfn), "mm": hex(e.mm)}
                 if e.value:
                     args["latency_ns"] = e.value
-                raw.append({"name": name, "cat": cat, "ph": "i", "s": "t", "pid": pid,
-                            "tid": pid, "ts": e.ts_ns, "args": args})
-                if pid and kind != EventKind.MERGE:  # merges run in ksmd: its comm
-                    names.setdefault(pid, e.comm)
+                raw.append({"name": name, "cat": cat, "ph": "i", "s": "t", "pid": e.pid,
+                            "tid": e.pid, "ts": e.ts_ns, "args": args})
+                if e.pid and kind != EventKind.MERGE:  # merges run in ksmd: its comm
+                    names.setdefault(e.pid, e.comm)
             elif kind == EventKind.KSM_ENTER and e.pid:  # the registering task
                 names.setdefault(e.pid, e.comm)
     return raw, names, ksmd

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import errno as errno_mod
 import json
 import sys
 from dataclasses import asdict
 
 from ksmtrace import argtypes, session
-from ksmtrace.kernel import procfs
+from ksmtrace.collector import ALL_EVENTS, Collector
 from ksmtrace.kernel.capabilities import STAGES
-from ksmtrace.model import CowKind, Event, EventKind, MergeKind, iter_events
+from ksmtrace.model import EventKind
 
 EPILOG = """\
 examples:
@@ -42,44 +41,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _err(e: int) -> str:
-    if e == 0:
-        return "ok"
-    return errno_mod.errorcode.get(-e, str(e))
-
-
-def describe(e: Event) -> tuple[str, str]:
-    k = EventKind(e.kind)
-    if k == EventKind.MERGE:
-        kind = ("new KSM page", "into KSM page", "zero page")[MergeKind(e.sub)]
-        lat = f" {e.value / 1000:.1f}us" if e.value else ""
-        return "merge", f"{kind} pfn={e.pfn:#x} {_err(e.err)}{lat}"
-    if k in (EventKind.SCAN_START, EventKind.SCAN_STOP):
-        dur = f" took {e.value / 1e6:.3f}ms" if k == EventKind.SCAN_STOP and e.value else ""
-        return k.name.lower(), f"seq={e.scan_seq} rmap_entries={e.rmap_entries}{dur}"
-    if k == EventKind.COW:
-        what = "write" if e.sub == CowKind.WRITE else "unshare"
-        return "cow_break", f"{what} pfn={e.pfn:#x} {e.value / 1000:.1f}us"
-    if k == EventKind.REMOVE_KSM_PAGE:
-        return "remove_ksm_page", f"pfn={e.pfn:#x}"
-    if k == EventKind.REMOVE_RMAP_ITEM:
-        return "remove_rmap_item", f"pfn={e.pfn:#x}"
-    if k == EventKind.UNSHARE:
-        return "unshare", f"break_ksm {_err(e.err)} {e.value / 1000:.1f}us"
-    if k == EventKind.WP_FAULT:
-        return "wp_fault", f"write-protect fault at {e.aux:#x} (COW estimate basis)"
-    if k == EventKind.ADVISOR:
-        return "advisor", f"scan_time={e.value} pages_to_scan={e.aux} cpu={e.sub}%"
-    return k.name.lower(), f"mm={e.mm:#x}"
-
-
 def run(args: argparse.Namespace) -> int:
     src = session.open_source(args, need_bpf=True)
-    comms: dict[int, str] = {}
     stages = set(args.stage or STAGES)
     wanted = set(args.pid or [])
     with src:
         session.enforce_strict(args, src.probes)
+        col = Collector.for_source(src, ALL_EVENTS)
         if not args.json:
             for line in session.describe_probes(src.probes):
                 print(f"# {line}", file=sys.stderr)
@@ -89,35 +57,25 @@ def run(args: argparse.Namespace) -> int:
         lost = 0
         count = int(args.duration / 0.2) if args.duration else 0
         for tick in src.ticks(0.2, count):
-            owners = tick.bpf.owners if tick.bpf else {}
-            if tick.bpf:
-                comms.update(tick.bpf.comms)
-            for e in iter_events(tick.events):
-                if e.kind == EventKind.KSM_ENTER and e.pid:
-                    comms.setdefault(e.pid, e.comm)
-                if e.stage not in stages:
-                    continue
-                pid = e.pid or owners.get(e.mm, 0)
-                if wanted and pid not in wanted:
+            snap = col.add_tick(tick)
+            for e in snap.events:
+                if e.stage not in stages or (wanted and e.pid not in wanted):
                     continue
                 t0 = t0 if t0 is not None else e.ts_ns
-                if pid and pid not in comms:
-                    comms[pid] = procfs.read_comm(pid) or "?"
-                comm = comms.get(pid, "?") if pid else e.comm
-                name, detail = describe(e)
+                # the owner's comm; ksmd's own events (no owner) keep the thread's
+                comm = snap.comm_of(e.pid) if e.pid else e.comm
                 if args.json:
                     d = asdict(e)
-                    d.update(stage=e.stage, event=name, owner_pid=pid, owner_comm=comm)
+                    d.update(stage=e.stage, event=e.name, owner_pid=e.pid, owner_comm=comm)
                     if e.kind in (EventKind.SCAN_START, EventKind.SCAN_STOP):
                         d.update(seq=e.scan_seq, rmap_entries=e.rmap_entries)
                     print(json.dumps(d), flush=False)
                 else:
-                    print(f"{(e.ts_ns - t0) / 1e9:12.6f} {e.stage:10} {name:16} {pid:>7} "
-                          f"{comm[:16]:16} {detail}")
+                    print(f"{(e.ts_ns - t0) / 1e9:12.6f} {e.stage:10} {e.name:16} {e.pid:>7} "
+                          f"{comm[:16]:16} {e.describe()}")
             sys.stdout.flush()
-            if tick.bpf:
-                now = tick.bpf.counters.get("events_lost", 0) + tick.bpf.perf_lost
-                if now > lost:
-                    print(f"# LOST {now - lost} events (stream overflow)", file=sys.stderr)
-                    lost = now
+            if snap.lost_events > lost:
+                print(f"# LOST {snap.lost_events - lost} events (stream overflow)",
+                      file=sys.stderr)
+                lost = snap.lost_events
     return 0

@@ -115,6 +115,9 @@ class ProbeSpec:
     stage: str
     what: str
     candidates: tuple[Candidate, ...]
+    # A KSM knob whose file only kernels with the observed feature have: the
+    # probe is not part of the plan where it is missing (nothing to miss).
+    feature: str | None = None
 
 
 def _fn(*names: str, exit_probe: bool = False, needs: tuple[str, ...] = ()
@@ -150,6 +153,13 @@ PROBES: tuple[ProbeSpec, ...] = (
             Candidate("tracepoint", ("ksm:ksm_start_scan", "ksm:ksm_stop_scan")),
             Candidate("polling", ("sysfs:full_scans",)),
         ),
+    ),
+    ProbeSpec(
+        "advisor",
+        "searching",
+        "the scan-time advisor's runs: scan time, pages_to_scan it chose, ksmd's CPU share",
+        (Candidate("tracepoint", ("ksm:ksm_advisor",)),),
+        feature="advisor_mode",
     ),
     ProbeSpec(
         "merges",
@@ -318,6 +328,8 @@ def plan(f: Facts, force: str | None = None) -> Plan:
     force = None if force == "auto" else force
     choices = []
     for spec in PROBES:
+        if spec.feature is not None and f.ksm_knobs.get(spec.feature) is None:
+            continue  # this kernel does not have the feature at all
         missed: list[Miss] = []
         chosen: Candidate | None = None
         # A probe the forced method cannot observe at all (scan rounds with

@@ -16,13 +16,11 @@ import time
 from collections.abc import Iterator
 
 from ksmtrace.errors import Busy, KsmtraceError, NoBpf, NoHeaders, not_root
+from ksmtrace.figures import COUNTER_SLOTS, HISTOGRAM_SLOTS, error_key
 from ksmtrace.kernel import headers as headers_mod
 from ksmtrace.kernel import sysfs, tracefs
 from ksmtrace.kernel.capabilities import Facts, Plan
 from ksmtrace.model import (
-    BPF_COUNTERS,
-    HISTOGRAMS,
-    MERGE_KIND_NAMES,
     BpfTotals,
     MmStats,
     ProbeStatus,
@@ -223,12 +221,11 @@ class LiveSource:
         b = self._bpf
         table = b[b"counters"]
         counters = {name: int(table.sum(ctypes.c_int(i)).value)
-                    for i, name in enumerate(BPF_COUNTERS)}
-        hist: dict[str, dict[int, int]] = {h: {} for h in HISTOGRAMS}
+                    for i, name in enumerate(COUNTER_SLOTS)}
+        hist: dict[str, dict[int, int]] = {h: {} for h in HISTOGRAM_SLOTS}
         for k, v in b[b"hist"].items():
-            hist[HISTOGRAMS[k.which]][int(k.slot)] = int(v.value)
-        errors = {f"{MERGE_KIND_NAMES[k.kind]}:{k.err}": int(v.value)
-                  for k, v in b[b"errors"].items()}
+            hist[HISTOGRAM_SLOTS[k.which]][int(k.slot)] = int(v.value)
+        errors = {error_key(k.kind, k.err): int(v.value) for k, v in b[b"errors"].items()}
         mms = self._read_mm_stats()
         exited, self._exited = self._exited, {}
         return BpfTotals(counters, hist, errors, mms, exited, owners, self._perf_lost, comms,

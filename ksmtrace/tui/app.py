@@ -79,7 +79,7 @@ class MainScreen(Screen):
         self.query_one("#filter", Input).display = False
         self.query_one("#banner", Static).display = False
         self._rows: list[ProcessRow] = []
-        self._traced = False
+        self._observed: frozenset[str] = frozenset()
         table.focus()
 
     def on_resize(self, event) -> None:
@@ -100,7 +100,7 @@ class MainScreen(Screen):
             panel.show(snap, history)
         self.query_one(WhyLine).show(diagnose(snap))
         self.query_one(StatusLine).show(snap, self.app.feed.describe())
-        self._traced = snap.traced
+        self._observed = fmt.observed_columns(snap)
         self._fill(snap.processes)
         self.sub_title = self._subtitle(snap)
 
@@ -119,7 +119,7 @@ class MainScreen(Screen):
 
     def _fill(self, rows: tuple[ProcessRow, ...]) -> None:
         self._rows = fmt.select_rows(rows, self.sort_key, self.reverse, self.filter_text)
-        self.query_one("#processes", ProcessTable).set_rows(self._rows, self._traced)
+        self.query_one("#processes", ProcessTable).set_rows(self._rows, self._observed)
 
     def selected_pid(self) -> int | None:
         return self.query_one("#processes", ProcessTable).selected_pid()

@@ -84,8 +84,12 @@ def _rate(s: Snapshot, name: str) -> float | None:
     return s.rates.get(name)
 
 
-def _traced(s: Snapshot, text: str) -> str:
-    return text if s.traced else DASH
+def _seen(s: Snapshot, name: str, text: str, unseen: str = "n/a") -> str:
+    """`text` where figure `name` was observed; else `unseen` on a traced
+    source (this kernel cannot observe it), DASH without BPF."""
+    if s.observed(name):
+        return text
+    return unseen if s.traced else DASH
 
 
 def searching(s: Snapshot) -> list[Figure]:
@@ -116,24 +120,26 @@ def merging(s: Snapshot) -> list[Figure]:
     lat = s.hist.get("merge_latency_seconds", {})
     failures = sorted(s.errors.items(), key=lambda kv: -kv[1])
     top_err = f"{failures[0][0]}" if failures else "none"
-    lat_text = (f"{duration(percentile_ns(lat, 0.5))}" if lat
-                else ("n/a" if s.traced else DASH))
+    lat_text = _seen(s, "merge_latency_seconds",
+                     duration(percentile_ns(lat, 0.5)) if lat else "n/a")
     return [
         Figure("merged/s", num(_rate(s, "merged_pages")),
                "Δ(pages_shared + pages_sharing) per second (kernel counters)"),
-        Figure("new/s", _traced(s, num(r.get("merges_new_ksm_page"))),
+        Figure("new/s", _seen(s, "merges_new_ksm_page", num(r.get("merges_new_ksm_page"))),
                "traced merges that made a new KSM page, per second"),
-        Figure("into/s", _traced(s, num(r.get("merges_into_ksm_page"))),
+        Figure("into/s", _seen(s, "merges_into_ksm_page", num(r.get("merges_into_ksm_page"))),
                "traced merges into an existing KSM page, per second"),
-        Figure("zero/s", _traced(s, num(r.get("merges_zero_page"))),
+        Figure("zero/s", _seen(s, "merges_zero_page", num(r.get("merges_zero_page"))),
                "traced merges with the zero page (use_zero_pages=1), per second"),
-        Figure("failed/s", _traced(s, num(r.get("merge_failures"))),
+        Figure("failed/s", _seen(s, "merge_failures", num(r.get("merge_failures"))),
                "merge attempts that failed, per second"),
         Figure("p50 lat", lat_text,
                "median merge latency (try_to_merge_one_page exit probes; n/a on "
                "tracepoints)"),
-        Figure("top err", _traced(s, top_err), "most frequent failure, kind:errno"),
-        Figure("merges", _traced(s, num(s.totals.get("merges"))), "traced merges since start"),
+        Figure("top err", _seen(s, "merge_failures", top_err),
+               "most frequent failure, kind:errno"),
+        Figure("merges", _seen(s, "merges", num(s.totals.get("merges"))),
+               "traced merges since start"),
     ]
 
 
@@ -158,20 +164,21 @@ def counting(s: Snapshot) -> list[Figure]:
 def updating(s: Snapshot) -> list[Figure]:
     r = s.rates
     unmerges = None
-    if s.traced and "ksm_pages_removed" in r:
+    if "ksm_pages_removed" in r:
         unmerges = r["ksm_pages_removed"] + r.get("rmap_items_removed", 0)
     est = s.cow_estimated
     return [
         Figure("COW/s", num(_rate(s, "cow_ksm")),
                "copy-on-write breaks of KSM pages per second (/proc/vmstat cow_ksm)"),
         Figure("COW", num(s.totals.get("cow_ksm")), "COW breaks since ksmtrace started"),
-        Figure("writes/s", _traced(s, "est." if est else num(r.get("cow_writes"))),
+        Figure("writes/s", _seen(s, "cow_writes", num(r.get("cow_writes")),
+                                 "est." if est else "n/a"),
                "user writes to KSM pages (do_wp_page probes)"),
-        Figure("unshare/s", _traced(s, "n/a" if est else num(r.get("cow_unshares"))),
+        Figure("unshare/s", _seen(s, "cow_unshares", num(r.get("cow_unshares"))),
                "break_ksm / GUP unshares (FAULT_FLAG_UNSHARE)"),
-        Figure("unmerge/s", _traced(s, num(unmerges)),
+        Figure("unmerge/s", _seen(s, "ksm_pages_removed", num(unmerges)),
                "stable nodes and rmap items removed per second"),
-        Figure("wp flt/s", _traced(s, num(r.get("wp_faults"))),
+        Figure("wp flt/s", _seen(s, "wp_faults", num(r.get("wp_faults"))),
                "write-protect faults in KSM processes (the COW estimate's basis)"),
     ]
 
@@ -244,9 +251,19 @@ def clip_left(text: str, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
-def row_cells(p: ProcessRow, traced: bool, cgroup_width: int = 8) -> tuple[str, ...]:
+ROW_FIGURES = ("process_merges", "process_cow_breaks")  # the traced columns
+
+
+def observed_columns(s: Snapshot) -> frozenset[str]:
+    """Which of the process table's traced figures `s` observed."""
+    return frozenset(n for n in ROW_FIGURES if s.observed(n))
+
+
+def row_cells(p: ProcessRow, observed: frozenset[str], cgroup_width: int = 8
+              ) -> tuple[str, ...]:
     cg = clip_left(p.cgroup, cgroup_width)
-    cow = DASH if not traced else num(p.cow_rate) + ("~" if p.cow_estimated else "")
+    cow = num(p.cow_rate) + ("~" if p.cow_estimated else "") \
+        if "process_cow_breaks" in observed else DASH
     return (
         str(p.pid),
         p.comm,
@@ -254,7 +271,7 @@ def row_cells(p: ProcessRow, traced: bool, cgroup_width: int = 8) -> tuple[str, 
         # pages KSM tracks for it: rmap items (one per scanned mergeable page)
         num(p.rmap_items) if p.mergeable or p.rmap_items else "no",
         num(p.merging_pages),
-        num(p.merges_rate) if traced else DASH,
+        num(p.merges_rate) if "process_merges" in observed else DASH,
         cow,
         size(p.profit_bytes),
     )

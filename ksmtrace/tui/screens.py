@@ -15,7 +15,7 @@ from textual.widgets import DataTable, Footer, Input, Label, RichLog, Static
 from ksmtrace.diagnose import diagnose
 from ksmtrace.kernel.pagemap import PageMap, PageState
 from ksmtrace.kernel.sysfs import KNOB_DEFAULTS
-from ksmtrace.model import EventKind, MergeKind, Snapshot
+from ksmtrace.model import Snapshot
 from ksmtrace.tui import format as fmt
 from ksmtrace.tui.widgets import CELL, PageGrid, StatusLine, finding_text
 
@@ -322,27 +322,13 @@ class DetailsScreen(SnapshotScreen):
 
 
 # ----------------------------------------------------------------- event log
-MERGE_KIND = {int(k): n for k, n in zip(MergeKind, ("new pair", "into KSM page", "zero page"),
-                                        strict=True)}
-
-
 def event_line(e) -> Text:
-    kind = EventKind(e.kind)
     t = Text(no_wrap=True, overflow="ellipsis")
     t.append(f"{e.ts_ns / 1e9:14.6f} ", style="dim")
     t.append(f"{e.stage:9} ", style="cyan")
-    t.append(f"{kind.name.lower():16} ")
+    t.append(f"{e.name:16} ")
     t.append(f"{e.pid:>7} {e.comm:15} ")
-    if kind is EventKind.MERGE:
-        t.append(f"{MERGE_KIND.get(e.sub, e.sub)} pfn {e.pfn:#x}")
-        if e.err:
-            t.append(f" err {e.err}", style="red")
-    elif kind in (EventKind.SCAN_START, EventKind.SCAN_STOP):
-        t.append(f"round {e.scan_seq} rmap {e.rmap_entries}")
-    elif kind in (EventKind.COW, EventKind.UNSHARE):
-        t.append(f"pfn {e.pfn:#x}")
-    else:
-        t.append(f"pfn {e.pfn:#x} value {e.value}")
+    t.append(e.describe(), style="red" if e.err else "")
     return t
 
 

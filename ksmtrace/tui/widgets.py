@@ -250,7 +250,7 @@ class ProcessTable(ScrollView, can_focus=True):
         super().__init__(**kw)
         self.rows: list[ProcessRow] = []
         self.cursor_row = 0
-        self.traced = False
+        self.observed: frozenset[str] = frozenset()
         self.cgroup_width = 8
 
     # ---------------------------------------------------------------- data
@@ -261,10 +261,10 @@ class ProcessTable(ScrollView, can_focus=True):
     def widths(self) -> list[int]:
         return [self.cgroup_width if c.key == "cgroup" else c.width for c in fmt.COLUMNS]
 
-    def set_rows(self, rows: list[ProcessRow], traced: bool) -> None:
+    def set_rows(self, rows: list[ProcessRow], observed: frozenset[str]) -> None:
         pid = self.selected_pid()
         self.rows = rows
-        self.traced = traced
+        self.observed = observed
         if pid is not None:
             self.cursor_row = next((i for i, p in enumerate(rows) if p.pid == pid),
                                    min(self.cursor_row, max(len(rows) - 1, 0)))
@@ -273,7 +273,7 @@ class ProcessTable(ScrollView, can_focus=True):
         self.refresh()
 
     def get_row_at(self, i: int) -> tuple[str, ...]:
-        return fmt.row_cells(self.rows[i], self.traced, self.cgroup_width)
+        return fmt.row_cells(self.rows[i], self.observed, self.cgroup_width)
 
     def selected_pid(self) -> int | None:
         if not self.rows:

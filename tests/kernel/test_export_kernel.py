@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from ksmtrace.export.metrics import SYSFS_METRICS
+from ksmtrace.figures import SYSFS as SYSFS_FIGURES
 from ksmtrace.kernel import capabilities as caps
 from ksmtrace.kernel import procfs, sysfs
 from ksmtrace.workload import Workload, WorkloadSpec, other_ksm_users
@@ -51,18 +51,18 @@ RATE_WINDOW = "20s"  # what $__rate_interval stands for at a 1 s scrape interval
 # Function probes (fentry/fexit, kprobe/kretprobe): metric -> (probe, function).
 FN_ONLY = {
     "ksmtrace_merge_latency_seconds_bucket": ("merges", "try_to_merge_one_page"),
-    "ksmtrace_cow_break_latency_seconds_bucket": ("cow_breaks", "do_wp_page"),
+    "ksmtrace_cow_latency_seconds_bucket": ("cow_breaks", "do_wp_page"),
     "ksmtrace_unshare_latency_seconds_bucket": ("unshares", "break_ksm"),
     "ksmtrace_unshares_total": ("unshares", "break_ksm"),
 }
 # ksm:* tracepoints (6.1 has none): metric -> the tracepoint that fills it.
 TRACEPOINT_ONLY = {
-    "ksmtrace_scan_round_duration_seconds_bucket": "ksm/ksm_stop_scan",
+    "ksmtrace_scan_round_seconds_bucket": "ksm/ksm_stop_scan",
     "ksmtrace_scan_rounds_total": "ksm/ksm_stop_scan",
     "ksmtrace_ksm_pages_removed_total": "ksm/ksm_remove_ksm_page",
     "ksmtrace_rmap_items_removed_total": "ksm/ksm_remove_rmap_item",
 }
-# No panel shows ksmtrace_scan_batch_duration_seconds: ksm_do_scan is inlined
+# No panel shows ksmtrace_scan_batch_seconds: ksm_do_scan is inlined
 # on 6.1, 6.12 and 6.18, so nothing can fill it on a kernel we support (see
 # docs/metrics.md). ksmtrace_bpf_program_*: the exporters run with
 # --bpf-stats, so the own-cost panel is held to returning data like the rest.
@@ -90,9 +90,9 @@ def why_absent(metric: str, facts, fn_allowed: bool) -> str | None:
         if facts.tracefs and not (Path(facts.tracefs) / "events" / ev).is_dir():
             return f"no tracepoint {ev.replace('/', ':')} in {facts.tracefs}/events"
         return None
-    for sm in SYSFS_METRICS:
-        if metric == sysfs_name(sm) and not (KSM_SYSFS / sm.field).exists():
-            return f"no {KSM_SYSFS / sm.field} on this kernel"
+    for sm in SYSFS_FIGURES:
+        if metric == sysfs_name(sm) and not (KSM_SYSFS / sm.name).exists():
+            return f"no {KSM_SYSFS / sm.name} on this kernel"
     if metric == "ksmtrace_ksm_advisor_mode" and not (KSM_SYSFS / "advisor_mode").exists():
         return f"no {KSM_SYSFS / 'advisor_mode'} on this kernel"
     if metric in ("ksmtrace_process_profit_bytes", "ksmtrace_cgroup_profit_bytes") and \
@@ -358,7 +358,7 @@ def scraped_after(prom: Prometheus, t: float) -> None:
 
 
 def sysfs_name(m) -> str:
-    return f"ksmtrace_{m.name}" + ("_total" if m.kind == "counter" else "")
+    return f"ksmtrace_{m.metric_name}" + ("_total" if m.kind == "counter" else "")
 
 
 def metric_names(expr: str) -> set[str]:
@@ -496,11 +496,11 @@ def test_real_prometheus_scrapes_the_exporter_during_a_workload(facts, quiet_ksm
                     frozen = sysfs.read_sysfs()
                     cow_now = procfs.read_ksm_vmstat().cow_ksm
                     scraped_after(prom, time.time())
-                    for sm in SYSFS_METRICS:
-                        v = getattr(frozen, sm.field)
-                        assert v is not None, sm.field  # 6.18 has every file
+                    for sm in SYSFS_FIGURES:
+                        v = getattr(frozen, sm.name)
+                        assert v is not None, sm.name  # 6.18 has every file
                         got = prom.value(sysfs_name(sm))
-                        assert got == pytest.approx(v / sm.divisor, rel=1e-12), sm.field
+                        assert got == pytest.approx(v / sm.divisor, rel=1e-12), sm.name
                     assert prom.value("ksmtrace_ksm_saved_bytes") == frozen.saved_pages * 4096
                     assert prom.value("ksmtrace_cow_ksm_total") == cow_now
                     assert prom.value(
@@ -652,7 +652,7 @@ def test_function_probe_panels_return_data_from_a_real_prometheus(facts, quiet_k
                     "cow writes": v('ksmtrace_cow_breaks_total{kind="write",estimated="false"}'),
                     "cow unshares": v('ksmtrace_cow_breaks_total'
                                       '{kind="unshare",estimated="false"}'),
-                    "cow latencies": v("ksmtrace_cow_break_latency_seconds_count"),
+                    "cow latencies": v("ksmtrace_cow_latency_seconds_count"),
                     "cow_ksm": v("ksmtrace_cow_ksm_total") - cow_base,
                     "per process": per_pid_cow(prom),
                     "unshares": v("ksmtrace_unshares_total"),
@@ -735,8 +735,8 @@ def test_sysfs_only_as_nobody_on_the_default_localhost_bind(quiet_ksm, as_nobody
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
               if line and not line.startswith("#") and "{" not in line}
     assert values["ksmtrace_traced"] == 0
-    for sm in SYSFS_METRICS:
-        assert values[sysfs_name(sm)] == pytest.approx(getattr(frozen, sm.field) / sm.divisor)
+    for sm in SYSFS_FIGURES:
+        assert values[sysfs_name(sm)] == pytest.approx(getattr(frozen, sm.name) / sm.divisor)
     assert values["ksmtrace_ksm_pages_sharing"] == frozen.pages_sharing > 0
     assert "ksmtrace_merges_total" not in text and "ksmtrace_events_lost" not in text
     r = subprocess.run([PROMTOOL, "check", "metrics"], input=text.encode(), capture_output=True,

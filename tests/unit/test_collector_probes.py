@@ -39,12 +39,32 @@ def test_split_matches_equal_writers():
 def test_host_build_is_tracepoints_only():
     f = host()
     b = probes.build(caps.plan(f), f, stream=False)
-    assert set(b.parts) == {"SCAN_TP", "ADVISOR_TP", "MERGE_TP", "MM_TP", "RESOLVER",
-                            "COW_EST", "REMOVE_TP"}
+    assert set(b.parts) == {"SCAN_TP", "ADVISOR_TP", "MERGE_TP", "MERGE_SLOT", "MM_TP",
+                            "RESOLVER", "COW_EST", "REMOVE_TP"}
     assert b.kprobes == () and b.stream == probes.STREAM_NONE and b.cow_estimated
     assert f"-DOFF_TASK_MM={f.layout['task_struct.mm']}" in b.cflags
     missed = [p.probe for p in b.probes if not p.attached]
     assert missed == ["unshares"]
+
+
+def test_advisor_is_planned_only_where_the_kernel_has_one():
+    f = host()
+    assert caps.plan(f).get("advisor").method == "tracepoint"
+    knobs = {k: v for k, v in f.ksm_knobs.items() if k != "advisor_mode"}
+    older = dataclasses.replace(f, ksm_knobs=knobs)
+    assert "advisor" not in {c.probe for c in caps.plan(older).choices}
+    assert "ADVISOR_TP" not in probes.build(caps.plan(older), older, stream=False).parts
+    # with the advisor but not its tracepoint: planned, and missed
+    tps = dict(f.tracepoints, **{"ksm:ksm_advisor": False})
+    c = caps.plan(dataclasses.replace(f, tracepoints=tps)).get("advisor")
+    assert c.method is None and "not in this kernel" in c.missed[0].why
+
+
+def test_merge_slot_only_with_scan_rounds_and_merges_traced():
+    f = host()
+    assert probes.build(caps.plan(f), f, stream=False).merge_slot
+    no_tp = dataclasses.replace(f, tracepoints={k: False for k in f.tracepoints})
+    assert not probes.build(caps.plan(no_tp), no_tp, stream=False).merge_slot
 
 
 def test_kprobe_build_attaches_entry_and_exit():

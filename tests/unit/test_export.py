@@ -25,8 +25,9 @@ from ksmtrace.collector import Collector
 from ksmtrace.export import metrics
 from ksmtrace.export.collector import make_registry, scrape
 from ksmtrace.export.server import MetricsServer, parse_listen
+from ksmtrace.figures import MERGE_KINDS, SYSFS
 from ksmtrace.kernel import sysfs
-from ksmtrace.model import MERGE_KIND_NAMES, PAGE_SIZE
+from ksmtrace.model import PAGE_SIZE
 from ksmtrace.sources.replay import ReplaySource
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,10 +65,10 @@ def value(reg, name, **labels):
 def test_every_sysfs_file_is_exported_with_its_kernel_value(snaps):
     for snap in snaps:
         reg = registry_for(snap)
-        for m in metrics.SYSFS_METRICS:
-            v = getattr(snap.ksm, m.field)
-            name = f"ksmtrace_{m.name}" + ("_total" if m.kind == "counter" else "")
-            assert value(reg, name) == pytest.approx(v / m.divisor), m.field
+        for m in SYSFS:
+            v = getattr(snap.ksm, m.name)
+            name = f"ksmtrace_{m.metric_name}" + ("_total" if m.kind == "counter" else "")
+            assert value(reg, name) == pytest.approx(v / m.divisor), m.name
         assert value(reg, "ksmtrace_ksm_advisor_mode", mode=snap.ksm.advisor_mode) == 1
         assert value(reg, "ksmtrace_cow_ksm_total") == snap.vmstat.cow_ksm
         assert value(reg, "ksmtrace_ksm_saved_bytes") == snap.ksm.saved_pages * PAGE_SIZE
@@ -124,7 +125,7 @@ def test_no_process_profit_on_the_kernel_no_cgroup_profit_series(snaps):
 def test_event_counters_equal_the_traced_totals(snaps):
     s = snaps[-1]
     reg = registry_for(s)
-    for kind in MERGE_KIND_NAMES:
+    for kind in MERGE_KINDS:
         assert value(reg, "ksmtrace_merges_total", kind=kind, result="ok") == \
             s.totals[f"merges_{kind}"]
         assert value(reg, "ksmtrace_merges_total", kind=kind, result="failed") == \
@@ -144,7 +145,7 @@ def test_event_counters_equal_the_traced_totals(snaps):
     # not observable on that kernel: no series rather than a false zero
     for absent in ("ksmtrace_unshares_total", "ksmtrace_scan_batches_total",
                    "ksmtrace_pages_compared_total", "ksmtrace_merge_latency_seconds_count",
-                   "ksmtrace_cow_break_latency_seconds_count"):
+                   "ksmtrace_cow_latency_seconds_count"):
         assert value(reg, absent) is None, absent
 
 
@@ -152,7 +153,7 @@ def test_scan_round_histogram_from_log2_slots(snaps):
     s = snaps[-1]
     assert s.hist["scan_round_seconds"] == {17: 1, 22: 1, 24: 65, 25: 1}
     reg = registry_for(s)
-    h = "ksmtrace_scan_round_duration_seconds"
+    h = "ksmtrace_scan_round_seconds"
     # slot k counts [2^k, 2^(k+1)) ns: its bucket is le = 2^(k+1) ns
     assert value(reg, f"{h}_bucket", le=repr(2 ** 17 / 1e9)) == 0
     assert value(reg, f"{h}_bucket", le=repr(2 ** 18 / 1e9)) == 1
@@ -230,7 +231,7 @@ def test_sysfs_only_has_counters_and_no_event_series():
     text = scrape(reg).decode()
     for name in ("ksmtrace_merges_total", "ksmtrace_cow_breaks_total",
                  "ksmtrace_process_merges_total", "ksmtrace_events_lost_total",
-                 "ksmtrace_scan_round_duration_seconds"):
+                 "ksmtrace_scan_round_seconds"):
         assert name not in text
     assert value(reg, "ksmtrace_build_info", version="0.1.0", source="sysfs-only",
                  kernel=os.uname().release, python=sys.version.split()[0]) == 1
@@ -286,7 +287,7 @@ def test_exposition_parses_with_types_and_help(snaps):
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     assert fams["ksmtrace_ksm_full_scans"].type == "counter"
     assert fams["ksmtrace_ksm_pages_sharing"].type == "gauge"
-    assert fams["ksmtrace_scan_round_duration_seconds"].type == "histogram"
+    assert fams["ksmtrace_scan_round_seconds"].type == "histogram"
     assert all(f.documentation for f in fams.values())
     assert all(name.startswith("ksmtrace_") for name in fams)
 
