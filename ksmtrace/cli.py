@@ -67,10 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a full disk is reported here, not at exit
         return rc
     except KsmtraceError as e:
-        print(f"ksmtrace: {e.message}", file=sys.stderr)
-        if e.hint:
-            print(f"  how to fix: {e.hint}", file=sys.stderr)
-        return int(e.exit_code)
+        return e.report()
     except KeyboardInterrupt:
         print("ksmtrace: interrupted", file=sys.stderr)
         return int(Exit.INTERRUPTED)
@@ -86,10 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # what is still buffered for stdout must not fail again at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print(f"ksmtrace: cannot write the output: {e.strerror}", file=sys.stderr)
-        print("  how to fix: free space on its file system, or write it elsewhere",
-              file=sys.stderr)
-        return int(Exit.FAILURE)
+        return KsmtraceError(f"cannot write the output: {e.strerror}",
+                             "free space on its file system, or write it elsewhere").report()
 
 
 _OUTPUT_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)

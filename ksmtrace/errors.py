@@ -6,6 +6,7 @@ stderr, and exits with `exit_code`: never a traceback for a known condition.
 
 from __future__ import annotations
 
+import sys
 from enum import IntEnum
 
 
@@ -32,6 +33,14 @@ class KsmtraceError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+    def report(self) -> int:
+        """Say what is wrong and how to fix it on stderr, one line each (no
+        traceback); the exit code."""
+        print(f"ksmtrace: {self.message}", file=sys.stderr)
+        if self.hint:
+            print(f"  how to fix: {self.hint}", file=sys.stderr)
+        return int(self.exit_code)
 
 
 class UsageError(KsmtraceError):

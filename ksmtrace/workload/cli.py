@@ -475,7 +475,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run_cli(args)
     except KsmtraceError as e:
-        print(f"ksmtrace: {e.message}", file=sys.stderr)
-        if e.hint:
-            print(f"  how to fix: {e.hint}", file=sys.stderr)
-        return int(e.exit_code)
+        return e.report()
