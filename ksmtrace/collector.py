@@ -12,6 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ksmtrace.figures import AGGREGATES, COUNTER_SLOTS, RATES, aggregate
+from ksmtrace.kernel.identity import Workload, identify
 from ksmtrace.kernel.procfs import KsmStat
 from ksmtrace.model import (
     EVENT_SIZE,
@@ -64,6 +65,10 @@ class _Proc:
     cow_prev: int = 0
     alive: bool = True
     stat: KsmStat | None = None  # last ksm_stat seen (kept once the process exits)
+    workload: Workload | None = None
+
+
+UNATTRIBUTED = Workload("process", "(unattributed)")
 
 
 @dataclass
@@ -183,6 +188,11 @@ class Collector:
         alive = {ps.pid for ps in c.processes}
         for ps in c.processes:
             p = self._proc(ps.pid)
+            if ps.workload is not None:
+                p.workload = ps.workload
+            elif p.workload is None or (p.comm, p.cgroup) != (ps.comm, ps.cgroup):
+                # a recording from before workloads were sampled: the cgroup tells
+                p.workload = identify((), ps.cgroup, ps.comm, ps.pid)
             p.comm, p.cgroup, p.alive, p.stat = ps.comm, ps.cgroup, True, ps.stat
         b = tick.bpf
         if b is not None:
@@ -265,6 +275,8 @@ class Collector:
                 cow_rate=dc / interval if interval > 0 else 0.0,
                 cow_estimated=self.cow_estimated,
                 alive=p.alive,
+                workload=(p.workload or identify((), p.cgroup, p.comm, pid)) if pid
+                else UNATTRIBUTED,
             ))
         rows.sort(key=lambda r: (-(r.merging_pages or 0), -r.merges, r.pid))
         return tuple(rows)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import IntEnum
 
 from ksmtrace.figures import FIGURES, cow_kind, errno_name, merge_kind_text
+from ksmtrace.kernel.identity import Workload
 from ksmtrace.kernel.pagemap import PAGE_SIZE, PageMap
 from ksmtrace.kernel.procfs import KsmStat, KsmVmstat
 from ksmtrace.kernel.sysfs import KsmSysfs
@@ -213,6 +214,9 @@ class ProcessSample:
     comm: str
     cgroup: str
     stat: KsmStat
+    # the VM, container or service it belongs to; None in recordings made
+    # before it was sampled (the collector then names it from the cgroup)
+    workload: Workload | None = None
 
 
 @dataclass(frozen=True)
@@ -307,6 +311,7 @@ class ProcessRow:
     cow_rate: float
     cow_estimated: bool
     alive: bool = True  # False: exited (kept with its last figures, bounded)
+    workload: Workload | None = None  # None only for rows built by hand (tests)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ A recording holds exactly what the collector consumes: one record per tick
 interval), so replaying it feeds the collector the same ticks as the live run
 and yields the same snapshots.
 
-Format, version 2. All integers little-endian.
+Format, version 3 (version 2 still reads). All integers little-endian.
 
     file     = preamble record*
     preamble = "KSMTRACE-REC\\n" (13 bytes)  version:u16
@@ -15,7 +15,7 @@ Format, version 2. All integers little-endian.
     head_crc  zlib.crc32 of the 9 bytes kind, length, crc: a damaged length
               is reported as damage, not mistaken for a cut-off end
 
-    kind 1  HEADER  first record, once. UTF-8 JSON object: "format" (2),
+    kind 1  HEADER  first record, once. UTF-8 JSON object: "format" (3),
                     "ksmtrace" (version), "kernel" (uname -r), "host",
                     "started" (ISO 8601), "started_unix", "interval" (s),
                     "source" ("live"), "pids" (-p, or null),
@@ -37,7 +37,10 @@ Format, version 2. All integers little-endian.
         "wall"       time.time() of the poll
         "ksm"        {KsmSysfs field: value}, "extra": {unknown sysfs file: text}
         "vmstat"     {"cow_ksm", "ksm_swpin_copy"}
-        "processes"  [[pid, comm, cgroup, {KsmStat field: value}], ...]
+        "processes"  [[pid, comm, cgroup, {KsmStat field: value}, workload], ...]
+                     workload = [kind, name, id, [[key, value], ...]] (the
+                     VM, container, service or process: kernel/identity.py);
+                     version 2 has no workload: it is named from the cgroup
         "bpf"        (BpfTotals; only when BPF ran) {
             "counters"   {BPF counter name: n}      (figures.COUNTERS)
             "hist"       {histogram: {log2(ns) slot: n}}  (figures.HISTOGRAMS)
@@ -85,8 +88,8 @@ ticks out of order, an END whose counts are not the file's. So is a file
 that cannot be read (an I/O error) or is not a regular file (a FIFO, a
 device: refused before any read, so a FIFO never blocks the reader).
 
-A new version is needed for any change a version-2 reader would misread;
-readers refuse other versions rather than guess.
+A new version is needed for any change an older reader would misread;
+readers refuse versions they do not know rather than guess.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 from ksmtrace import __version__
 from ksmtrace.errors import BadRecording, KsmtraceError
-from ksmtrace.model import EVENT_SIZE, EventKind, MmStats, ProbeStatus, Tick
+from ksmtrace.model import EVENT_SIZE, EventKind, MmStats, ProbeStatus, ProcessSample, Tick
 from ksmtrace.outfile import open_output
 from ksmtrace.signals import held
 
@@ -112,7 +115,8 @@ if TYPE_CHECKING:
     from ksmtrace import recschema
 
 MAGIC = b"KSMTRACE-REC\n"
-VERSION = 2
+VERSION = 3
+READS = (2, 3)  # versions this reader reads
 _PREAMBLE = struct.Struct("<H")  # version, right after the magic
 HEADER, TICK, END = 1, 2, 3
 KIND_NAMES = {HEADER: "header", TICK: "tick", END: "end"}
@@ -128,6 +132,14 @@ _EVENT_KINDS = bytes(sorted(EventKind))  # every kind fits in its low byte
 
 
 # ---------------------------------------------------------------- encoding
+def _process_to_json(p: ProcessSample) -> list[Any]:
+    row: list[Any] = [p.pid, p.comm, p.cgroup, asdict(p.stat)]
+    w = p.workload
+    if w is not None:  # a row without one reads as one from version 2
+        row.append([w.kind, w.name, w.id, [list(kv) for kv in w.detail]])
+    return row
+
+
 def tick_to_json(t: Tick) -> dict[str, Any]:
     """The structured part of a tick (everything but its events)."""
     c = t.counters
@@ -137,7 +149,7 @@ def tick_to_json(t: Tick) -> dict[str, Any]:
         "wall": c.wall,
         "ksm": asdict(c.ksm),
         "vmstat": asdict(c.vmstat),
-        "processes": [[p.pid, p.comm, p.cgroup, asdict(p.stat)] for p in c.processes],
+        "processes": [_process_to_json(p) for p in c.processes],
     }
     if c.ksmd_cpu_ticks is not None:
         d["ksmd_cpu_ticks"] = c.ksmd_cpu_ticks
@@ -388,10 +400,11 @@ class Recording:
         if len(pre) < DATA_START:
             raise self._bad("file ends inside the preamble", len(MAGIC))
         (version,) = _PREAMBLE.unpack_from(pre, len(MAGIC))
-        if version != VERSION:
+        if version not in READS:
             raise BadRecording(
                 f"{self.path}: recording format version {version} (byte offset {len(MAGIC)}) "
-                f"is not supported: this ksmtrace {__version__} reads version {VERSION}")
+                f"is not supported: this ksmtrace {__version__} reads versions "
+                f"{' and '.join(map(str, READS))}")
         return version
 
     def _read_header(self) -> None:
@@ -404,7 +417,7 @@ class Recording:
             raise self._bad("file ends inside the header record", e.offset) from None
         self._first_tick = DATA_START + _HEAD.size + len(payload)
         try:
-            self.header, h = self._rs.header(payload)
+            self.header, h = self._rs.header(payload, self.version)
         except self._rs.SchemaError as e:
             raise self._schema(e, "header", DATA_START) from None
         self._probes = _advisor_status(tuple(self._rs.probe(p) for p in h.probes),
@@ -504,7 +517,7 @@ class Recording:
                 or events[_KIND_AT + 1::EVENT_SIZE].strip(b"\0"):
             raise self._bad(_unknown_kind(events), pos)
         try:
-            t = self._rs.tick_struct(js)
+            t = self._rs.tick_struct(js, self.version)
         except self._rs.SchemaError as e:
             raise self._schema(e, "tick", pos) from None
         return self._rs.tick_from_struct(t, events)

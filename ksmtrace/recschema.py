@@ -15,8 +15,9 @@ times (`mono`, `wall`, `started_unix`) finite, 0 .. 1e12 s; the header's
 `interval` finite, > 0 and at most 1e12 s. JSON has no NaN or Infinity, and a
 number too large for its float is refused, so every float is finite.
 
-The tick and END schemas are closed (an unknown key is corruption: a v2
-writer never writes one); the header's is open (its `facts` and `plan` are
+The tick and END schemas are closed (an unknown key is corruption: no
+writer of these versions writes one; a version-2 process row has no
+workload); the header's is open (its `facts` and `plan` are
 `doctor --json`'s, free-form), but the fields readers use are typed.
 """
 
@@ -28,6 +29,7 @@ import msgspec
 from msgspec import Meta, Struct
 from msgspec.structs import astuple
 
+from ksmtrace.kernel import identity
 from ksmtrace.kernel.procfs import KsmStat, KsmVmstat
 from ksmtrace.kernel.sysfs import KsmSysfs
 from ksmtrace.model import (
@@ -128,13 +130,30 @@ class BpfJ(Struct, forbid_unknown_fields=True):
     programs: list[tuple[str, Count, Count]] = []
 
 
+class WorkloadJ(Struct, array_like=True, forbid_unknown_fields=True):
+    kind: Literal["vm", "container", "service", "process"]
+    name: Annotated[str, Meta(max_length=identity.NAME_MAX)]
+    id: Annotated[str, Meta(max_length=identity.ID_MAX)]
+    detail: Annotated[list[tuple[Annotated[str, Meta(max_length=32)],
+                                 Annotated[str, Meta(max_length=identity.ID_MAX)]]],
+                      Meta(max_length=16)]
+
+
+class ProcessJ(Struct, array_like=True, forbid_unknown_fields=True):
+    pid: ProcessPid
+    comm: str
+    cgroup: str
+    stat: KsmStatJ
+    workload: WorkloadJ | None = None  # version 3
+
+
 class TickJ(Struct, forbid_unknown_fields=True):
     seq: Count
     mono: Seconds
     wall: Seconds
     ksm: KsmSysfsJ
     vmstat: KsmVmstatJ
-    processes: list[tuple[ProcessPid, str, str, KsmStatJ]]
+    processes: list[ProcessJ]
     ksmd_cpu_ticks: Count | None = None
     bpf: BpfJ | None = None
 
@@ -155,7 +174,7 @@ class FactsJ(Struct):
 
 
 class HeaderJ(Struct):
-    format: Literal[2]  # record.VERSION: this reader's only version
+    format: Literal[2, 3]  # record.READS
     ksmtrace: str
     kernel: str | None = None
     host: str | None = None
@@ -214,17 +233,37 @@ def _check_mms(t: TickJ) -> TickJ:
     return t
 
 
-def tick_struct(js: bytes | memoryview) -> TickJ:
+def _check_workloads(t: TickJ, version: int) -> TickJ:
+    for i, p in enumerate(t.processes):
+        w = p.workload
+        if w is None:
+            continue
+        if version < 3:
+            raise SchemaError("field", f"`$.processes[{i}]`: a workload in a version "
+                              f"{version} recording")
+        texts = (w.name, w.id, *(x for kv in w.detail for x in kv))
+        if any(identity.clean(x, len(x)) != x for x in texts):
+            raise SchemaError("field", f"`$.processes[{i}][4]`: a workload name with "
+                              "non-printable characters")
+    return t
+
+
+def tick_struct(js: bytes | memoryview, version: int = 3) -> TickJ:
     try:
         t = _TICK.decode(js)
     except (msgspec.DecodeError, RecursionError) as e:
         raise _error(e) from None
-    return _check_mms(t)
+    return _check_workloads(_check_mms(t), version)
+
+
+def _workload(w: WorkloadJ | None) -> identity.Workload | None:
+    return None if w is None else identity.Workload(w.kind, w.name, w.id, tuple(w.detail))
 
 
 def tick_from_struct(t: TickJ, events: bytes) -> Tick:
-    procs = tuple(ProcessSample(pid, comm, cgroup, KsmStat(*astuple(st)))
-                  for pid, comm, cgroup, st in t.processes)
+    procs = tuple(ProcessSample(p.pid, p.comm, p.cgroup, KsmStat(*astuple(p.stat)),
+                                _workload(p.workload))
+                  for p in t.processes)
     c = CounterSample(t.mono, t.wall, KsmSysfs(*astuple(t.ksm)), KsmVmstat(*astuple(t.vmstat)),
                       procs, t.ksmd_cpu_ticks)
     b = t.bpf
@@ -246,17 +285,21 @@ def tick_from_dict(d: Any, events: bytes) -> Tick:
         t = msgspec.convert(d, TickJ, strict=True, str_keys=True)
     except (msgspec.ValidationError, RecursionError) as e:
         raise _error(e) from None
-    return tick_from_struct(_check_mms(t), events)
+    return tick_from_struct(_check_workloads(_check_mms(t), 3), events)
 
 
-def header(payload: bytes) -> tuple[dict[str, Any], HeaderJ]:
+def header(payload: bytes, version: int) -> tuple[dict[str, Any], HeaderJ]:
     """The header as written (every key, for `Recording.header`) and as
-    checked against the schema."""
+    checked against the schema; its format is the preamble's `version`."""
     try:
         d = _ANY.decode(payload)
-        return d, msgspec.convert(d, HeaderJ, strict=True)
+        h = msgspec.convert(d, HeaderJ, strict=True)
     except (msgspec.DecodeError, RecursionError) as e:
         raise _error(e) from None
+    if h.format != version:
+        raise SchemaError("field", f"`$.format`: {h.format}, but the file's preamble says "
+                          f"version {version}")
+    return d, h
 
 
 def end(payload: bytes) -> dict[str, Any]:

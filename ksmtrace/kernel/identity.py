@@ -33,7 +33,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ksmtrace.kernel.procfs import _proc, _read_bytes, read_cgroup, read_comm
+from ksmtrace.kernel.procfs import read_cgroup, read_cmdline, read_comm
 
 NAME_MAX = 64  # characters of a name
 ID_MAX = 128  # characters of an id or a detail value
@@ -95,7 +95,7 @@ def identify(cmdline: bytes | Sequence[str], cgroup: str, comm: str = "", pid: i
 def read_identity(pid: int, root: str | os.PathLike = "/") -> Workload | None:
     """The workload of `pid` from /proc/<pid>/{cmdline,cgroup,comm}; None if
     the process has exited (or is not ours to read)."""
-    cmdline = _read_bytes(_proc(root) / str(pid) / "cmdline")
+    cmdline = read_cmdline(pid, root)
     cgroup = read_cgroup(pid, root)
     if cmdline is None or cgroup is None:
         return None

@@ -36,9 +36,9 @@ def _proc(root: str | os.PathLike) -> Path:
     return Path(root) / "proc"
 
 
-def _read_bytes(path: Path) -> bytes | None:
-    """Whole file in one read (procfs files are generated per read), or None
-    when the process has gone or is not readable by us."""
+def _read_bytes(path: Path, limit: int | None = None) -> bytes | None:
+    """Whole file (or its first `limit` bytes), or None when the process has
+    gone or is not readable by us."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -47,11 +47,13 @@ def _read_bytes(path: Path) -> bytes | None:
         raise
     try:
         chunks = []
-        while True:
-            chunk = os.read(fd, 65536)
+        left = limit if limit is not None else -1
+        while left:
+            chunk = os.read(fd, 65536 if left < 0 else min(left, 65536))
             if not chunk:
                 break
             chunks.append(chunk)
+            left -= len(chunk) if left > 0 else 0
         return b"".join(chunks)
     except OSError as e:
         # ESRCH on read: the task exited after open.
@@ -196,6 +198,16 @@ def parse_cgroup(text: str) -> str:
         if hier == "0" and controllers == "":
             return path or "/"
     return "/"
+
+
+CMDLINE_MAX = 1 << 16  # bytes: the workload resolver looks at no more
+
+
+def read_cmdline(pid: int, root: str | os.PathLike = "/") -> bytes | None:
+    """/proc/<pid>/cmdline as the kernel gives it (NUL-separated, possibly
+    rewritten by the process), its first CMDLINE_MAX bytes; None once the
+    process has exited."""
+    return _read_bytes(_proc(root) / str(pid) / "cmdline", CMDLINE_MAX)
 
 
 def read_cgroup(pid: int, root: str | os.PathLike = "/") -> str | None:

@@ -11,8 +11,30 @@ import os
 import time
 from collections.abc import Callable, Iterator
 
-from ksmtrace.kernel import procfs, sysfs
+from ksmtrace.kernel import identity, procfs, sysfs
 from ksmtrace.model import CounterSample, ProcessSample, Tick
+
+# (pid, comm, cgroup) -> workload, for the processes of the last sample: a
+# process's cmdline is read once, not every interval. A pid reused by another
+# program changes comm or cgroup, or both, and is read again.
+_identities: dict[tuple[int, str, str], identity.Workload] = {}
+
+
+def _workloads(procs: list[ProcessSample], root: str | os.PathLike) -> list[ProcessSample]:
+    global _identities
+    known, _identities = _identities, {}
+    out = []
+    for p in procs:
+        key = (p.pid, p.comm, p.cgroup)
+        w = known.get(key)
+        if w is None:
+            cmdline = procfs.read_cmdline(p.pid, root)
+            if cmdline is None:
+                continue  # exited mid-sample
+            w = identity.identify(cmdline, p.cgroup, p.comm, p.pid)
+        _identities[key] = w
+        out.append(ProcessSample(p.pid, p.comm, p.cgroup, p.stat, w))
+    return out
 
 
 def sample(
@@ -38,7 +60,7 @@ def sample(
             )
     elif all_processes:
         procs = [ProcessSample(p.pid, p.comm, p.cgroup, p.stat) for p in procfs.ksm_processes(root)]
-    return CounterSample(mono, wall, ksm, vm, tuple(procs), _ksmd_cpu(root))
+    return CounterSample(mono, wall, ksm, vm, tuple(_workloads(procs, root)), _ksmd_cpu(root))
 
 
 _ksmd: dict[str, int | None] = {}

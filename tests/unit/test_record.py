@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -21,14 +22,18 @@ import recbytes
 from recbytes import FIX, HEAD
 
 from ksmtrace import collector as collector_mod
+from ksmtrace import record as record_mod
+from ksmtrace import recschema
 from ksmtrace.collector import Collector
 from ksmtrace.errors import BadRecording, Exit
+from ksmtrace.kernel.identity import Workload
 from ksmtrace.model import EVENT_SIZE, BpfTotals, MmStats, ProgramCost, Tick
 from ksmtrace.record import (
     DATA_START,
     END,
     HEADER,
     MAGIC,
+    READS,
     TICK,
     VERSION,
     Recorder,
@@ -56,9 +61,10 @@ def fixture_ticks() -> list[Tick]:
 
 
 # ------------------------------------------------------------- round trip
-def test_fixture_is_a_closed_recording_of_the_current_format(fixture_bytes, fixture_ticks):
+def test_fixture_is_a_closed_recording_of_a_format_that_reads(fixture_bytes, fixture_ticks):
     with Recording(FIX) as r:
-        assert r.version == VERSION and r.header["format"] == VERSION
+        # version 2, from before workloads were sampled: it still reads
+        assert r.version == r.header["format"] == 2 and 2 in READS
         assert r.header["source"] == "live" and r.header["facts"] and r.header["plan"]
         list(r.ticks())
         assert r.end == {**r.end, "ticks": len(fixture_ticks),
@@ -392,14 +398,61 @@ def test_a_recording_without_end_is_read_and_says_so(tmp_path, fixture_bytes, ca
 
 
 def test_header_and_records_are_checksummed_as_documented(fixture_bytes):
-    assert fixture_bytes.startswith(MAGIC + struct.pack("<H", VERSION))
+    assert fixture_bytes.startswith(MAGIC + struct.pack("<H", 2))
     for off, _kind, size in records(fixture_bytes):
         kind, length, crc, head_crc = struct.unpack_from("<BIII", fixture_bytes, off)
         assert head_crc == zlib.crc32(fixture_bytes[off:off + 9])
         assert crc == zlib.crc32(fixture_bytes[off + HEAD.size:off + size])
     off, _, size = records(fixture_bytes)[0]
     header = json.loads(fixture_bytes[off + HEAD.size:off + size])
-    assert header["format"] == VERSION
+    assert header["format"] == 2
+
+
+# ---------------------------------------------------------------- workloads
+VM1 = Workload("vm", "vm1", "", (("manager", "libvirt"),))
+
+
+def _with_workload(t: Tick, w: Workload) -> Tick:
+    procs = tuple(dataclasses.replace(p, workload=w) for p in t.counters.processes)
+    return dataclasses.replace(t, counters=dataclasses.replace(t.counters, processes=procs))
+
+
+def test_version_3_keeps_each_process_workload(tmp_path, fixture_ticks):
+    ticks = [_with_workload(t, VM1) for t in fixture_ticks]
+    out = tmp_path / "v3.ksmrec"
+    with Recorder(out, {"source": "live"}) as w:
+        for t in ticks:
+            w.write(t)
+    with Recording(out) as r:
+        assert r.version == VERSION == 3
+        assert list(r.ticks()) == ticks
+    rows = ReplaySource(out, warn=None)
+    with rows:
+        col = Collector.for_source(rows)
+        last = [col.add_tick(t) for t in rows.ticks()][-1]
+    assert {p.workload for p in last.processes if p.pid} == {VM1}
+
+
+def test_version_2_rows_are_named_from_their_cgroup(fixture_ticks):
+    with ReplaySource(FIX, warn=None) as src:
+        col = Collector.for_source(src)
+        last = [col.add_tick(t) for t in src.ticks()][-1]
+    # the fixture's workload processes ran in the root cgroup: plain processes
+    assert {(p.workload.kind, p.workload.name) for p in last.processes} == \
+        {("process", f"python[{p.pid}]") for p in last.processes}
+
+
+@pytest.mark.parametrize("name,version,why", [
+    ("vm1", 2, "a workload in a version 2 recording"),
+    ("vm\x1b[2J", 3, "non-printable"),
+    ("x" * 65, 3, "`$.processes[0][4][1]`: expected `str` of length <= 64"),
+])
+def test_bad_workloads_are_refused(tmp_path, fixture_ticks, name, version, why):
+    base = next(t for t in fixture_ticks if t.counters.processes)
+    t = _with_workload(base, dataclasses.replace(VM1, name=name))
+    js = json.dumps(record_mod.tick_to_json(t)).encode()
+    with pytest.raises(recschema.SchemaError, match=re.escape(why)):
+        recschema.tick_struct(js, version)
 
 
 # ------------------------------------------------------------------ collector
