@@ -28,9 +28,8 @@ def _workloads(procs: list[ProcessSample], root: str | os.PathLike) -> list[Proc
         key = (p.pid, p.comm, p.cgroup)
         w = known.get(key)
         if w is None:
-            cmdline = procfs.read_cmdline(p.pid, root)
-            if cmdline is None:
-                continue  # exited mid-sample
+            # gone since its ksm_stat was read: named from its cgroup, like the rest
+            cmdline = procfs.read_cmdline(p.pid, root) or b""
             w = identity.identify(cmdline, p.cgroup, p.comm, p.pid)
         _identities[key] = w
         out.append(ProcessSample(p.pid, p.comm, p.cgroup, p.stat, w))
