@@ -39,6 +39,7 @@ class MainScreen(Screen):
     BINDINGS = [
         Binding("m", "page_map", "page map"),
         Binding("s", "sort", "sort"),
+        Binding("g", "group", "group"),
         Binding("r", "reverse", "reverse", show=False),
         Binding("slash", "filter", "filter", show=False),
         Binding("escape", "clear_filter", "clear filter", show=False),
@@ -61,6 +62,7 @@ class MainScreen(Screen):
     sort_key = "merging"
     reverse = True
     filter_text = ""
+    group_by = "process"
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=self.app.clock)
@@ -69,7 +71,7 @@ class MainScreen(Screen):
             for stage in ("searching", "merging", "counting", "updating"):
                 yield StagePanel(stage)
         yield WhyLine(id="why")
-        yield Input(placeholder="filter: pid, comm or cgroup (Esc clears)", id="filter")
+        yield Input(placeholder="filter: pid, comm, workload or cgroup (Esc clears)", id="filter")
         yield ProcessTable(id="processes")
         yield StatusLine(id="status")
         yield Footer()
@@ -86,7 +88,7 @@ class MainScreen(Screen):
         # Taller terminals give the stage panels more lines (all their figures).
         self.query_one("#stages").styles.height = 12 if event.size.height > 34 else 9
         table = self.query_one("#processes", ProcessTable)
-        table.cgroup_width = max(8, event.size.width - fmt.FIXED_WIDTH - 2)
+        table.workload_width = max(8, event.size.width - fmt.FIXED_WIDTH - 2)
         self._redraw()
 
     # ------------------------------------------------------------- drawing
@@ -113,12 +115,14 @@ class MainScreen(Screen):
         at = f" @ {fmt.sample_time(snap.wall)}" if self.app.clock else ""
         return (f"{snap.source}{at} · {n} process{'es' if n != 1 else ''}"
                 + (f" (+{gone} exited, dimmed)" if gone else "")
+                + (f" · by {self.group_by}" if self.group_by != "process" else "")
                 + f" · sort {self.sort_key}"
                 f"{' ↓' if self.reverse else ' ↑'}"
                 + (f" · filter '{self.filter_text}'" if self.filter_text else ""))
 
     def _fill(self, rows: tuple[ProcessRow, ...]) -> None:
-        self._rows = fmt.select_rows(rows, self.sort_key, self.reverse, self.filter_text)
+        self._rows = fmt.select_rows(rows, self.sort_key, self.reverse, self.filter_text,
+                                     self.group_by)
         self.query_one("#processes", ProcessTable).set_rows(self._rows, self._observed)
 
     def selected_pid(self) -> int | None:
@@ -134,9 +138,16 @@ class MainScreen(Screen):
     def action_sort(self) -> None:
         keys = fmt.SORT_KEYS
         self.sort_key = keys[(keys.index(self.sort_key) + 1) % len(keys)]
-        self.reverse = self.sort_key not in ("pid", "comm", "cgroup")
+        self.reverse = self.sort_key not in fmt.TEXT_KEYS
         self._redraw()
         self.notify(f"sorted by {self.sort_key}", timeout=1.5)
+
+    def action_group(self) -> None:
+        """One row per process, per workload (VM, container, service), per kind."""
+        groups = fmt.GROUPS
+        self.group_by = groups[(groups.index(self.group_by) + 1) % len(groups)]
+        self._redraw()
+        self.notify(f"one row per {self.group_by}", timeout=1.5)
 
     def action_reverse(self) -> None:
         self.reverse = not self.reverse
@@ -148,7 +159,7 @@ class MainScreen(Screen):
             self.reverse = not self.reverse
         else:
             self.sort_key = key
-            self.reverse = key not in ("pid", "comm", "cgroup")
+            self.reverse = key not in fmt.TEXT_KEYS
         self._redraw()
 
     def action_filter(self) -> None:
@@ -336,6 +347,8 @@ class KsmtraceApp(App):
             yield SystemCommand("Page map", "pages of the selected process",
                                 main.action_page_map)
             yield SystemCommand("Sort processes", "by the next column", main.action_sort)
+            yield SystemCommand("Group processes", "by workload, by kind, or none",
+                                main.action_group)
             yield SystemCommand("Filter processes", "by pid, comm or cgroup",
                                 main.action_filter)
             yield SystemCommand("Help", "keys and what each figure means", main.action_help)

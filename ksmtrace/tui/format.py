@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 
 from ksmtrace.diagnose import ksmd_cores
+from ksmtrace.kernel.identity import Workload, identify
 from ksmtrace.model import ProcessRow, Snapshot
 
 DASH = "-"
@@ -217,15 +218,65 @@ class Column:
 COLUMNS = (
     Column("pid", "PID", 7),
     Column("comm", "COMM", 11),
-    Column("cgroup", "CGROUP", 8),
+    Column("workload", "WORKLOAD", 8),
     Column("mergeable", "MERGEABLE", 9),
     Column("merging", "MERGING", 7),
     Column("merges", "MERGES/s", 8),
     Column("cow", "COW/s", 6),
     Column("profit", "PROFIT", 8),
 )
-FIXED_WIDTH = sum(c.width + 2 for c in COLUMNS if c.key != "cgroup") + 2  # + padding
+FIXED_WIDTH = sum(c.width + 2 for c in COLUMNS if c.key != "workload") + 2  # + padding
 SORT_KEYS = tuple(c.key for c in COLUMNS)
+TEXT_KEYS = ("pid", "comm", "workload")  # sorted A to Z first; the figures largest first
+GROUPS = ("process", "workload", "kind")  # what one row of the process table is
+
+
+def workload_of(p: ProcessRow) -> Workload:
+    return p.workload or identify((), p.cgroup, p.comm, p.pid)
+
+
+def _total(values) -> int | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
+def group_rows(rows: tuple[ProcessRow, ...], by: str = "process") -> tuple[ProcessRow, ...]:
+    """One row per process, per workload or per kind of workload. A group's
+    row sums its processes (ksm_stat figures of live ones only: an exited
+    process's are stale) and carries its largest process's pid, so the page
+    map opens on that one; COMM says how many processes it has."""
+    if by == "process":
+        return rows
+    groups: dict[object, list[ProcessRow]] = {}
+    for r in rows:
+        w = workload_of(r)
+        groups.setdefault(w if by == "workload" else w.kind, []).append(r)
+    out = []
+    for key, rs in groups.items():
+        live = [r for r in rs if r.alive]
+        lead = max(rs, key=lambda r: (r.alive, r.merging_pages or 0, r.merges, -r.pid))
+        if isinstance(key, Workload):
+            w = key
+        else:
+            w = Workload(key, f"{len({workload_of(r) for r in rs})} workloads")
+        out.append(ProcessRow(
+            pid=lead.pid,
+            comm=lead.comm if len(rs) == 1 else f"{len(rs)} procs",
+            cgroup=lead.cgroup,
+            mergeable=any(r.mergeable for r in live),
+            merging_pages=_total(r.merging_pages for r in live),
+            zero_pages=_total(r.zero_pages for r in live),
+            rmap_items=_total(r.rmap_items for r in live),
+            profit_bytes=_total(r.profit_bytes for r in live),
+            merges=sum(r.merges for r in rs),
+            merges_rate=sum(r.merges_rate for r in rs),
+            cow_breaks=sum(r.cow_breaks for r in rs),
+            cow_rate=sum(r.cow_rate for r in rs),
+            cow_estimated=lead.cow_estimated,
+            alive=bool(live),
+            workload=w,
+        ))
+    return tuple(out)
 
 
 def row_sort_value(p: ProcessRow, key: str) -> float | str:
@@ -233,8 +284,8 @@ def row_sort_value(p: ProcessRow, key: str) -> float | str:
         return p.pid
     if key == "comm":
         return p.comm
-    if key == "cgroup":
-        return p.cgroup
+    if key == "workload":
+        return workload_of(p).label
     if key == "mergeable":
         return p.rmap_items or 0
     if key == "merging":
@@ -246,11 +297,6 @@ def row_sort_value(p: ProcessRow, key: str) -> float | str:
     return p.profit_bytes or 0
 
 
-def clip_left(text: str, width: int) -> str:
-    """Keep the end of a long path (the leaf cgroup is what tells them apart)."""
-    return text if len(text) <= width else "…" + text[-(width - 1):]
-
-
 ROW_FIGURES = ("process_merges", "process_cow_breaks")  # the traced columns
 
 
@@ -259,15 +305,19 @@ def observed_columns(s: Snapshot) -> frozenset[str]:
     return frozenset(n for n in ROW_FIGURES if s.observed(n))
 
 
-def row_cells(p: ProcessRow, observed: frozenset[str], cgroup_width: int = 8
+def clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def row_cells(p: ProcessRow, observed: frozenset[str], workload_width: int = 8
               ) -> tuple[str, ...]:
-    cg = clip_left(p.cgroup, cgroup_width)
+    wl = clip(workload_of(p).label, workload_width)
     cow = num(p.cow_rate) + ("~" if p.cow_estimated else "") \
         if "process_cow_breaks" in observed else DASH
     return (
         str(p.pid),
         p.comm,
-        cg,
+        wl,
         # pages KSM tracks for it: rmap items (one per scanned mergeable page)
         num(p.rmap_items) if p.mergeable or p.rmap_items else "no",
         num(p.merging_pages),
@@ -278,11 +328,13 @@ def row_cells(p: ProcessRow, observed: frozenset[str], cgroup_width: int = 8
 
 
 def select_rows(rows: tuple[ProcessRow, ...], sort: str = "merging", reverse: bool = True,
-                text: str = "") -> list[ProcessRow]:
-    """Filter by a substring of pid, comm or cgroup, then sort (ties by pid)."""
+                text: str = "", by: str = "process") -> list[ProcessRow]:
+    """Filter by a substring of pid, comm, workload or cgroup, group (`by`),
+    then sort (ties by pid)."""
     text = text.strip().lower()
     if text:
         rows = tuple(p for p in rows if text in str(p.pid) or text in p.comm.lower()
-                     or text in p.cgroup.lower())
+                     or text in workload_of(p).label.lower() or text in p.cgroup.lower())
+    rows = group_rows(rows, by)
     return sorted(rows, key=lambda p: (row_sort_value(p, sort), -p.pid if reverse else p.pid),
                   reverse=reverse)

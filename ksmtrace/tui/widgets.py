@@ -251,7 +251,7 @@ class ProcessTable(ScrollView, can_focus=True):
         self.rows: list[ProcessRow] = []
         self.cursor_row = 0
         self.observed: frozenset[str] = frozenset()
-        self.cgroup_width = 8
+        self.workload_width = 8
 
     # ---------------------------------------------------------------- data
     @property
@@ -259,7 +259,7 @@ class ProcessTable(ScrollView, can_focus=True):
         return len(self.rows)
 
     def widths(self) -> list[int]:
-        return [self.cgroup_width if c.key == "cgroup" else c.width for c in fmt.COLUMNS]
+        return [self.workload_width if c.key == "workload" else c.width for c in fmt.COLUMNS]
 
     def set_rows(self, rows: list[ProcessRow], observed: frozenset[str]) -> None:
         pid = self.selected_pid()
@@ -273,7 +273,7 @@ class ProcessTable(ScrollView, can_focus=True):
         self.refresh()
 
     def get_row_at(self, i: int) -> tuple[str, ...]:
-        return fmt.row_cells(self.rows[i], self.observed, self.cgroup_width)
+        return fmt.row_cells(self.rows[i], self.observed, self.workload_width)
 
     def selected_pid(self) -> int | None:
         if not self.rows:
