@@ -166,6 +166,15 @@ def build() -> dict:
           targets((f"topk(10, ksmtrace_process_profit_bytes{{{I}}})",
                    "{{instance}} {{pid}} {{comm}}"), instant=True), "bytes", w=12,
           options={"orientation": "horizontal", "displayMode": "basic"})
+    L.add("bargauge", "Top workloads: merged pages", "Summed over each VM's, container's or "
+          "service's live processes (workload=\"other\": all the rest)",
+          targets((f"topk(10, ksmtrace_workload_merging_pages{{{I}}})",
+                   "{{instance}} {{workload_kind}} {{workload}}"), instant=True), "short", w=12,
+          options={"orientation": "horizontal", "displayMode": "basic"})
+    L.add("bargauge", "Top workloads: profit", "ksm_process_profit summed per workload",
+          targets((f"topk(10, ksmtrace_workload_profit_bytes{{{I}}})",
+                   "{{instance}} {{workload_kind}} {{workload}}"), instant=True), "bytes", w=12,
+          options={"orientation": "horizontal", "displayMode": "basic"})
     L.add("bargauge", "Top cgroups: merged pages", "Summed over each cgroup's processes",
           targets((f"topk(10, ksmtrace_cgroup_merging_pages{{{I}}})",
                    "{{instance}} {{cgroup}}"), instant=True), "short", w=12,

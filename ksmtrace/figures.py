@@ -290,15 +290,34 @@ PROCESS: tuple[Figure, ...] = (
          "(estimated=\"true\": the exact cow_ksm count split by write-protect faults)"),
 )
 
+# Per workload (the VM, container, service or lone process of kernel/identity.py),
+# labelled workload, workload_kind: sums of its processes' figures.
+WORKLOAD: tuple[Figure, ...] = (
+    Figure("workload_merging_pages", "counting", "gauge", "pages",
+           "Pages of the workload's live processes mapped to KSM pages (ksm_stat)", "procfs",
+           methods=()),
+    Figure("workload_profit_bytes", "counting", "gauge", "bytes",
+           "ksm_process_profit summed over the workload's live processes, bytes", "procfs",
+           methods=()),
+    Figure("workload_processes", "counting", "gauge", "processes",
+           "Live KSM processes of the workload", "procfs", methods=()),
+    _bpf("workload_merges", "merging", "merges",
+         "Pages of the workload merged, traced, since ksmtrace started"),
+    _bpf("workload_cow_breaks", "updating", "cow_breaks",
+         "Copy-on-write breaks of the workload's KSM pages since ksmtrace started "
+         "(estimated=\"true\": the exact cow_ksm count split by write-protect faults)"),
+)
+
 # Kernel counters the collector turns into totals since start and rates, in
 # the order it adds them.
 RATES = ("pages_scanned", "pages_skipped", "full_scans", "merged_pages", "ksm_zero_pages",
          "cow_ksm", "ksmd_cpu_ticks")
 
 FIGURES: dict[str, Figure] = {
-    f.name: f for f in (*COUNTERS, *HISTOGRAMS, *AGGREGATES, *SYSFS, *PROCESS, *DERIVED)}
+    f.name: f for f in (*COUNTERS, *HISTOGRAMS, *AGGREGATES, *SYSFS, *PROCESS, *WORKLOAD,
+                        *DERIVED)}
 assert len(FIGURES) == len(COUNTERS) + len(HISTOGRAMS) + len(AGGREGATES) + len(SYSFS) \
-    + len(PROCESS) + len(DERIVED), "a figure name is declared twice"
+    + len(PROCESS) + len(WORKLOAD) + len(DERIVED), "a figure name is declared twice"
 assert all(n in FIGURES for n in RATES)
 
 COUNTER_SLOTS = tuple(f.name for f in COUNTERS)  # enum ksm_counter order

@@ -29,6 +29,7 @@ from ksmtrace.figures import (
     errno_name,
     split_error_key,
 )
+from ksmtrace.grouping import by_workload, workload_of
 from ksmtrace.kernel.procfs import CLK_TCK
 from ksmtrace.model import PAGE_SIZE, ProcessRow, Snapshot
 
@@ -151,7 +152,17 @@ def _events(snap: Snapshot) -> Iterable[Metric]:
         yield h
 
 
-PROC_LABELS = ["pid", "comm", "cgroup"]
+PROC_LABELS = ["pid", "comm", "cgroup", "workload", "workload_kind"]
+
+
+def _ranked(groups: dict, top: int) -> tuple[list, list[ProcessRow]]:
+    """The top groups by merging pages of their live processes (ties by key),
+    and the processes of the rest."""
+    def merging(rs: list[ProcessRow]) -> int:
+        return sum(r.merging_pages or 0 for r in rs if r.alive)
+
+    order = sorted(groups.items(), key=lambda kv: (-merging(kv[1]), str(kv[0])))
+    return order[:top], [r for _, rs in order[top:] for r in rs]
 
 
 def _processes(snap: Snapshot, top: int) -> Iterable[Metric]:
@@ -188,9 +199,10 @@ def _processes(snap: Snapshot, top: int) -> Iterable[Metric]:
             cow.add_metric(labels + [est], sum(r.cow_breaks for r in group))
 
     for r in shown:
-        add([str(r.pid), r.comm, r.cgroup], [r])
+        w = workload_of(r)
+        add([str(r.pid), r.comm, r.cgroup, w.name, w.kind], [r])
     if rest:
-        add([OTHER, OTHER, OTHER], rest)
+        add([OTHER] * len(PROC_LABELS), rest)
     yield from gauges.values()
     if traced_merges:
         yield merges
@@ -200,43 +212,85 @@ def _processes(snap: Snapshot, top: int) -> Iterable[Metric]:
         yield GaugeMetricFamily(_name("processes_other"),
                                 "Processes aggregated into the pid=\"other\" series (exited "
                                 "ones included)", value=len(rest))
+    yield from _cgroups(alive, top)
+    yield from _workloads(snap, top, traced_merges, traced_cow, est)
 
-    # cgroups: every live process counts, the top N cgroups by merging pages each
-    # get a series, the rest one "other" series
+
+def _profit(rs: list[ProcessRow]) -> int | None:
+    # no ksm_process_profit on this kernel (< 6.4): no series, not a false 0
+    profits = [r.profit_bytes for r in rs if r.alive and r.profit_bytes is not None]
+    return sum(profits) if profits else None
+
+
+def _one_workload(rs: list[ProcessRow]) -> list[str]:
+    ws = {workload_of(r) for r in rs}
+    if len(ws) == 1:
+        (w,) = ws
+        return [w.name, w.kind]
+    kinds = {w.kind for w in ws}
+    return ["(several)", kinds.pop() if len(kinds) == 1 else "mixed"]
+
+
+def _cgroups(alive: list[ProcessRow], top: int) -> Iterable[Metric]:
+    """Every live process counts; the top N cgroups by merging pages each get
+    a series, the rest "other". A cgroup's workload is its processes' one, or
+    "(several)" (workload_kind "mixed" unless they are all of one kind)."""
     by_cg: dict[str, list[ProcessRow]] = {}
     for r in alive:
         by_cg.setdefault(r.cgroup, []).append(r)
-    agg = sorted(((sum(r.merging_pages or 0 for r in rs), cg, rs) for cg, rs in by_cg.items()),
-                 key=lambda x: (-x[0], x[1]))
-    cg_merging = GaugeMetricFamily(_name("cgroup_merging_pages"),
-                                   "Pages mapped to KSM pages, summed over the cgroup's processes",
-                                   labels=["cgroup"])
-    cg_profit = GaugeMetricFamily(_name("cgroup_profit_bytes"),
-                                  "ksm_process_profit summed over the cgroup's processes, bytes",
-                                  labels=["cgroup"])
-    cg_procs = GaugeMetricFamily(_name("cgroup_processes"), "KSM processes in the cgroup",
-                                 labels=["cgroup"])
-    def add_profit(labels: list[str], rs: list[ProcessRow]) -> None:
-        # no ksm_process_profit on this kernel (< 6.4): no series, not a false 0
-        profits = [r.profit_bytes for r in rs if r.profit_bytes is not None]
-        if profits:
-            cg_profit.add_metric(labels, sum(profits))
-
-    other: list[ProcessRow] = []
-    for i, (merging, cg, rs) in enumerate(agg):
-        if i >= top:
-            other.extend(rs)
-            continue
-        cg_merging.add_metric([cg], merging)
-        add_profit([cg], rs)
-        cg_procs.add_metric([cg], len(rs))
+    labels = ["cgroup", "workload", "workload_kind"]
+    merging = GaugeMetricFamily(_name("cgroup_merging_pages"),
+                                "Pages mapped to KSM pages, summed over the cgroup's processes",
+                                labels=labels)
+    profit = GaugeMetricFamily(_name("cgroup_profit_bytes"),
+                               "ksm_process_profit summed over the cgroup's processes, bytes",
+                               labels=labels)
+    procs = GaugeMetricFamily(_name("cgroup_processes"), "KSM processes in the cgroup",
+                              labels=labels)
+    ranked, other = _ranked(by_cg, top)
+    rows = [([cg, *_one_workload(rs)], rs) for cg, rs in ranked]
     if other:
-        cg_merging.add_metric([OTHER], sum(r.merging_pages or 0 for r in other))
-        add_profit([OTHER], other)
-        cg_procs.add_metric([OTHER], len(other))
-    yield cg_merging
-    yield cg_profit
-    yield cg_procs
+        rows.append(([OTHER] * len(labels), other))
+    for values, rs in rows:
+        merging.add_metric(values, sum(r.merging_pages or 0 for r in rs))
+        if (p := _profit(rs)) is not None:
+            profit.add_metric(values, p)
+        procs.add_metric(values, len(rs))
+    yield merging
+    yield profit
+    yield procs
+
+
+def _workloads(snap: Snapshot, top: int, traced_merges: bool, traced_cow: bool,
+               est: str) -> Iterable[Metric]:
+    """Per workload (VM, container, service, or a lone process): the top N by
+    merging pages, the rest "other". Gauges from live processes; traced
+    counters from every process the collector still keeps."""
+    labels = ["workload", "workload_kind"]
+    fams = {n: (CounterMetricFamily if FIGURES[n].kind == "counter" else GaugeMetricFamily)(
+        _name(n), FIGURES[n].help, labels=labels + (["estimated"] if n.endswith("cow_breaks")
+                                                    else []))
+        for n in ("workload_merging_pages", "workload_profit_bytes", "workload_processes",
+                  "workload_merges", "workload_cow_breaks")}
+    ranked, other = _ranked(by_workload(snap.processes), top)
+    rows = [([w.name, w.kind], rs) for w, rs in ranked]
+    if other:
+        rows.append(([OTHER, OTHER], other))
+    for values, rs in rows:
+        live = [r for r in rs if r.alive]
+        fams["workload_merging_pages"].add_metric(values, sum(r.merging_pages or 0
+                                                              for r in live))
+        if (p := _profit(rs)) is not None:
+            fams["workload_profit_bytes"].add_metric(values, p)
+        fams["workload_processes"].add_metric(values, len(live))
+        fams["workload_merges"].add_metric(values, sum(r.merges for r in rs))
+        fams["workload_cow_breaks"].add_metric(values + [est], sum(r.cow_breaks for r in rs))
+    yield from (fams[n] for n in ("workload_merging_pages", "workload_profit_bytes",
+                                  "workload_processes"))
+    if traced_merges:
+        yield fams["workload_merges"]
+    if traced_cow:
+        yield fams["workload_cow_breaks"]
 
 
 def _self(snap: Snapshot, cycle_seconds: float | None, cycles: int) -> Iterable[Metric]:

@@ -19,6 +19,7 @@ from textual.widgets import Footer, Header, Input, Static
 
 from ksmtrace.diagnose import diagnose
 from ksmtrace.errors import KsmtraceError
+from ksmtrace.grouping import GROUPS
 from ksmtrace.model import ProcessRow, Snapshot
 from ksmtrace.tui import format as fmt
 from ksmtrace.tui.screens import (
@@ -144,7 +145,7 @@ class MainScreen(Screen):
 
     def action_group(self) -> None:
         """One row per process, per workload (VM, container, service), per kind."""
-        groups = fmt.GROUPS
+        groups = GROUPS
         self.group_by = groups[(groups.index(self.group_by) + 1) % len(groups)]
         self._redraw()
         self.notify(f"one row per {self.group_by}", timeout=1.5)

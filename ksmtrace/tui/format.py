@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 from ksmtrace.diagnose import ksmd_cores
-from ksmtrace.kernel.identity import Workload, identify
+from ksmtrace.grouping import group_rows, workload_of
 from ksmtrace.model import ProcessRow, Snapshot
 
 DASH = "-"
@@ -228,55 +228,6 @@ COLUMNS = (
 FIXED_WIDTH = sum(c.width + 2 for c in COLUMNS if c.key != "workload") + 2  # + padding
 SORT_KEYS = tuple(c.key for c in COLUMNS)
 TEXT_KEYS = ("pid", "comm", "workload")  # sorted A to Z first; the figures largest first
-GROUPS = ("process", "workload", "kind")  # what one row of the process table is
-
-
-def workload_of(p: ProcessRow) -> Workload:
-    return p.workload or identify((), p.cgroup, p.comm, p.pid)
-
-
-def _total(values) -> int | None:
-    known = [v for v in values if v is not None]
-    return sum(known) if known else None
-
-
-def group_rows(rows: tuple[ProcessRow, ...], by: str = "process") -> tuple[ProcessRow, ...]:
-    """One row per process, per workload or per kind of workload. A group's
-    row sums its processes (ksm_stat figures of live ones only: an exited
-    process's are stale) and carries its largest process's pid, so the page
-    map opens on that one; COMM says how many processes it has."""
-    if by == "process":
-        return rows
-    groups: dict[object, list[ProcessRow]] = {}
-    for r in rows:
-        w = workload_of(r)
-        groups.setdefault(w if by == "workload" else w.kind, []).append(r)
-    out = []
-    for key, rs in groups.items():
-        live = [r for r in rs if r.alive]
-        lead = max(rs, key=lambda r: (r.alive, r.merging_pages or 0, r.merges, -r.pid))
-        if isinstance(key, Workload):
-            w = key
-        else:
-            w = Workload(key, f"{len({workload_of(r) for r in rs})} workloads")
-        out.append(ProcessRow(
-            pid=lead.pid,
-            comm=lead.comm if len(rs) == 1 else f"{len(rs)} procs",
-            cgroup=lead.cgroup,
-            mergeable=any(r.mergeable for r in live),
-            merging_pages=_total(r.merging_pages for r in live),
-            zero_pages=_total(r.zero_pages for r in live),
-            rmap_items=_total(r.rmap_items for r in live),
-            profit_bytes=_total(r.profit_bytes for r in live),
-            merges=sum(r.merges for r in rs),
-            merges_rate=sum(r.merges_rate for r in rs),
-            cow_breaks=sum(r.cow_breaks for r in rs),
-            cow_rate=sum(r.cow_rate for r in rs),
-            cow_estimated=lead.cow_estimated,
-            alive=bool(live),
-            workload=w,
-        ))
-    return tuple(out)
 
 
 def row_sort_value(p: ProcessRow, key: str) -> float | str:

@@ -95,7 +95,8 @@ def why_absent(metric: str, facts, fn_allowed: bool) -> str | None:
             return f"no {KSM_SYSFS / sm.name} on this kernel"
     if metric == "ksmtrace_ksm_advisor_mode" and not (KSM_SYSFS / "advisor_mode").exists():
         return f"no {KSM_SYSFS / 'advisor_mode'} on this kernel"
-    if metric in ("ksmtrace_process_profit_bytes", "ksmtrace_cgroup_profit_bytes") and \
+    if metric in ("ksmtrace_process_profit_bytes", "ksmtrace_cgroup_profit_bytes",
+                  "ksmtrace_workload_profit_bytes") and \
             "ksm_process_profit" not in Path("/proc/self/ksm_stat").read_text():
         return "no ksm_process_profit in /proc/<pid>/ksm_stat on this kernel"
     return None

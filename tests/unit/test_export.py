@@ -26,7 +26,9 @@ from ksmtrace.export import metrics
 from ksmtrace.export.collector import make_registry, scrape
 from ksmtrace.export.server import MetricsServer, parse_listen
 from ksmtrace.figures import MERGE_KINDS, SYSFS
+from ksmtrace.grouping import workload_of
 from ksmtrace.kernel import sysfs
+from ksmtrace.kernel.identity import Workload
 from ksmtrace.model import PAGE_SIZE
 from ksmtrace.sources.replay import ReplaySource
 
@@ -56,6 +58,11 @@ def registry_for(snap, top=metrics.DEFAULT_TOP):
     reg, col = make_registry(top)
     col.publish(snap)
     return reg
+
+
+# the fixture's processes share the root cgroup, each its own workload
+ROOT_CG = {"cgroup": "/", "workload": "(several)", "workload_kind": "process"}
+OTHER_CG = dict.fromkeys(ROOT_CG, "other")
 
 
 def value(reg, name, **labels):
@@ -106,7 +113,7 @@ def test_negative_profit_is_emitted_negative(snaps):
     assert value(reg, "ksmtrace_ksm_general_profit_bytes") == -1_280_000
     text = scrape(reg).decode()
     assert "\nksmtrace_ksm_general_profit_bytes -1280000.0\n" in text
-    assert value(reg, "ksmtrace_cgroup_profit_bytes", cgroup="/") == -64 * (1 + 2 + 3)
+    assert value(reg, "ksmtrace_cgroup_profit_bytes", **ROOT_CG) == -64 * (1 + 2 + 3)
 
 
 def test_no_process_profit_on_the_kernel_no_cgroup_profit_series(snaps):
@@ -118,7 +125,7 @@ def test_no_process_profit_on_the_kernel_no_cgroup_profit_series(snaps):
     text = scrape(reg).decode()
     assert "ksmtrace_process_profit_bytes{" not in text
     assert "ksmtrace_cgroup_profit_bytes{" not in text
-    assert value(reg, "ksmtrace_cgroup_merging_pages", cgroup="/") == \
+    assert value(reg, "ksmtrace_cgroup_merging_pages", **ROOT_CG) == \
         sum(r.merging_pages for r in rows)
 
 
@@ -180,14 +187,16 @@ def test_processes_top_n_and_other(snaps):
     reg = registry_for(s, top=2)
     shown = s.processes[:2]
     for r in shown:
-        labels = {"pid": str(r.pid), "comm": r.comm, "cgroup": r.cgroup}
+        w = workload_of(r)
+        labels = {"pid": str(r.pid), "comm": r.comm, "cgroup": r.cgroup, "workload": w.name,
+                  "workload_kind": w.kind}
         assert value(reg, "ksmtrace_process_merging_pages", **labels) == r.merging_pages
         assert value(reg, "ksmtrace_process_profit_bytes", **labels) == r.profit_bytes
         assert value(reg, "ksmtrace_process_merges_total", **labels) == r.merges
         assert value(reg, "ksmtrace_process_cow_breaks_total", estimated="true",
                      **labels) == r.cow_breaks
     rest = s.processes[2]
-    other = {"pid": "other", "comm": "other", "cgroup": "other"}
+    other = dict.fromkeys(metrics.PROC_LABELS, "other")
     assert value(reg, "ksmtrace_process_merging_pages", **other) == rest.merging_pages
     assert value(reg, "ksmtrace_processes_other") == 1
     assert value(reg, "ksmtrace_processes") == 3
@@ -195,15 +204,41 @@ def test_processes_top_n_and_other(snaps):
     text = scrape(reg).decode()
     assert text.count("ksmtrace_process_merging_pages{") == 3
     # cgroups count every process
-    assert value(reg, "ksmtrace_cgroup_merging_pages", cgroup="/") == \
+    assert value(reg, "ksmtrace_cgroup_merging_pages", **ROOT_CG) == \
         sum(r.merging_pages for r in s.processes)
-    assert value(reg, "ksmtrace_cgroup_processes", cgroup="/") == 3
+    assert value(reg, "ksmtrace_cgroup_processes", **ROOT_CG) == 3
     # top 0: everything in "other"
     reg0 = registry_for(s, top=0)
     assert value(reg0, "ksmtrace_process_merging_pages", **other) == \
         sum(r.merging_pages for r in s.processes)
-    assert value(reg0, "ksmtrace_cgroup_merging_pages", cgroup="other") == \
+    assert value(reg0, "ksmtrace_cgroup_merging_pages", **OTHER_CG) == \
         sum(r.merging_pages for r in s.processes)
+
+
+def test_workload_series_sum_their_processes_top_n_and_other(snaps):
+    s = snaps[5]
+    vm = Workload("vm", "vm1", "", (("manager", "libvirt"),))
+    ctr = Workload("container", "3f2a9c1b2d4e", "3f2a9c1b2d4e" * 5 + "abcd")
+    a, b, c = s.processes
+    rows = (dataclasses.replace(a, workload=vm, cgroup="/machine.slice/vm1.scope"),
+            dataclasses.replace(b, workload=vm, cgroup="/machine.slice/vm1.scope"),
+            dataclasses.replace(c, workload=ctr, cgroup="/system.slice/docker-x.scope"))
+    reg = registry_for(dataclasses.replace(s, processes=rows), top=1)
+    wl = {"workload": "vm1", "workload_kind": "vm"}
+    assert value(reg, "ksmtrace_workload_merging_pages", **wl) == \
+        a.merging_pages + b.merging_pages
+    assert value(reg, "ksmtrace_workload_profit_bytes", **wl) == a.profit_bytes + b.profit_bytes
+    assert value(reg, "ksmtrace_workload_processes", **wl) == 2
+    assert value(reg, "ksmtrace_workload_merges_total", **wl) == a.merges + b.merges
+    assert value(reg, "ksmtrace_workload_cow_breaks_total", estimated="true", **wl) == \
+        a.cow_breaks + b.cow_breaks
+    other = {"workload": "other", "workload_kind": "other"}
+    assert value(reg, "ksmtrace_workload_merging_pages", **other) == c.merging_pages
+    assert scrape(reg).decode().count("ksmtrace_workload_merging_pages{") == 2
+    # the per-process and per-cgroup series carry the workload too
+    assert value(reg, "ksmtrace_process_merging_pages", pid=str(a.pid), comm=a.comm,
+                 cgroup=rows[0].cgroup, **wl) == a.merging_pages
+    assert value(reg, "ksmtrace_cgroup_processes", cgroup=rows[0].cgroup, **wl) == 2
 
 
 def test_exited_processes_leave_the_gauges_and_keep_their_counters(snaps):
@@ -215,7 +250,7 @@ def test_exited_processes_leave_the_gauges_and_keep_their_counters(snaps):
     assert "ksmtrace_process_merging_pages{" not in text
     assert "ksmtrace_cgroup_merging_pages{" not in text
     assert value(reg, "ksmtrace_processes") == 0
-    other = {"pid": "other", "comm": "other", "cgroup": "other"}
+    other = dict.fromkeys(metrics.PROC_LABELS, "other")
     assert value(reg, "ksmtrace_process_merges_total", **other) == 1350
     assert value(reg, "ksmtrace_process_cow_breaks_total", estimated="true", **other) == 120
     assert value(reg, "ksmtrace_processes_other") == 3

@@ -19,6 +19,7 @@ from textual.widgets import DataTable, Input, RichLog  # noqa: E402
 
 from ksmtrace.diagnose import diagnose  # noqa: E402
 from ksmtrace.feed import ReplayFeed  # noqa: E402
+from ksmtrace.grouping import group_rows, workload_of  # noqa: E402
 from ksmtrace.kernel.identity import Workload  # noqa: E402
 from ksmtrace.sources.replay import ReplaySource  # noqa: E402
 from ksmtrace.tui import format as fmt  # noqa: E402
@@ -184,19 +185,19 @@ def test_group_rows_sum_each_workload_and_kind():
     vm = Workload("vm", "vm1", "", (("manager", "libvirt"),))
     tagged = (dataclasses.replace(rows[0], workload=vm), dataclasses.replace(rows[1], workload=vm),
               rows[2])
-    assert fmt.group_rows(tagged, "process") == tagged
-    by_wl = {fmt.workload_of(r).label: r for r in fmt.group_rows(tagged, "workload")}
+    assert group_rows(tagged, "process") == tagged
+    by_wl = {workload_of(r).label: r for r in group_rows(tagged, "workload")}
     assert set(by_wl) == {"vm:vm1", f"proc:python[{rows[2].pid}]"}
     g = by_wl["vm:vm1"]
     assert g.comm == "2 procs" and g.pid in (rows[0].pid, rows[1].pid)
     for f in ("merging_pages", "zero_pages", "rmap_items", "profit_bytes", "merges",
               "cow_breaks"):
         assert getattr(g, f) == getattr(rows[0], f) + getattr(rows[1], f), f
-    by_kind = {r.workload.kind: r for r in fmt.group_rows(tagged, "kind")}
+    by_kind = {r.workload.kind: r for r in group_rows(tagged, "kind")}
     assert set(by_kind) == {"vm", "process"} and by_kind["vm"].workload.name == "1 workloads"
     # an exited process's ksm_stat is stale: groups sum the live ones only
     gone = (dataclasses.replace(tagged[0], alive=False), tagged[1])
-    (g,) = fmt.group_rows(gone, "workload")
+    (g,) = group_rows(gone, "workload")
     assert g.merging_pages == rows[1].merging_pages and g.merges == rows[0].merges + rows[1].merges
 
 
