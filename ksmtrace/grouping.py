@@ -22,11 +22,14 @@ def _total(values) -> int | None:
     return sum(known) if known else None
 
 
-def group_rows(rows: tuple[ProcessRow, ...], by: str = "process") -> tuple[ProcessRow, ...]:
+def group_rows(rows: tuple[ProcessRow, ...], by: str = "process", last_known: bool = False
+               ) -> tuple[ProcessRow, ...]:
     """One row per process, per workload or per kind of workload. A group's
     row sums its processes (ksm_stat figures of live ones only: an exited
-    process's are stale) and carries its largest process's pid, so the page
-    map opens on that one; COMM says how many processes it has."""
+    process's are stale; with `last_known`, every process's last ones, as a
+    report of a whole recording wants) and carries its largest process's
+    pid, so the page map opens on that one; COMM says how many processes it
+    has."""
     if by == "process":
         return rows
     groups: dict[object, list[ProcessRow]] = {}
@@ -35,7 +38,7 @@ def group_rows(rows: tuple[ProcessRow, ...], by: str = "process") -> tuple[Proce
         groups.setdefault(w if by == "workload" else w.kind, []).append(r)
     out = []
     for key, rs in groups.items():
-        live = [r for r in rs if r.alive]
+        live = rs if last_known else [r for r in rs if r.alive]
         lead = max(rs, key=lambda r: (r.alive, r.merging_pages or 0, r.merges, -r.pid))
         if isinstance(key, Workload):
             w = key
@@ -55,7 +58,7 @@ def group_rows(rows: tuple[ProcessRow, ...], by: str = "process") -> tuple[Proce
             cow_breaks=sum(r.cow_breaks for r in rs),
             cow_rate=sum(r.cow_rate for r in rs),
             cow_estimated=lead.cow_estimated,
-            alive=bool(live),
+            alive=any(r.alive for r in rs),
             workload=w,
         ))
     return tuple(out)

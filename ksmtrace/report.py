@@ -29,6 +29,8 @@ from ksmtrace.figures import (
     merge_kind,
     split_error_key,
 )
+from ksmtrace.grouping import GROUPS, group_rows, workload_of
+from ksmtrace.kernel.identity import Workload
 from ksmtrace.model import (
     EVENT_NAMES,
     EVENT_OFFSETS,
@@ -48,6 +50,7 @@ examples:
   sudo ksmtrace record -o ksm.rec --duration 60 0.5
   ksmtrace report ksm.rec                         what happened, stage by stage
   ksmtrace report ksm.rec --json | jq .merging
+  ksmtrace report ksm.rec --by workload           the counting table per VM, container
   ksmtrace timeline ksm.rec -o trace.json         open in ui.perfetto.dev or chrome://tracing
 """
 
@@ -79,6 +82,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG, formatter_class=fmt)
     p.add_argument("file", help="a recording made by `ksmtrace record`")
     p.add_argument("-j", "--json", action="store_true", help="one JSON object")
+    p.add_argument("--by", choices=GROUPS, default="process",
+                   help="the counting table per process (default), per workload (VM, "
+                   "container, service) or per kind of workload")
     p.set_defaults(func=run_report)
 
     p = sub.add_parser(
@@ -214,7 +220,11 @@ def _errno_label(key: str) -> str:
     return key if err is None else f"{kind}: {err} {errno_name(err)}"
 
 
-def summarise(path: str) -> dict[str, Any]:
+def _workload_json(w: Workload) -> dict[str, Any]:
+    return {"kind": w.kind, "name": w.name, "id": w.id, "detail": dict(w.detail)}
+
+
+def summarise(path: str, by: str = "process") -> dict[str, Any]:
     """The report as one JSON-able dict (what `report --json` prints)."""
     r = replay(path)
     first, last = r.first, r.last
@@ -226,12 +236,14 @@ def summarise(path: str) -> dict[str, Any]:
     def fig(name: str) -> int | None:
         """A total, or None where it was not observed."""
         return t.get(name) if last.observed(name) else None
+
     processes = [{
         "pid": p.pid, "comm": p.comm, "cgroup": p.cgroup, "merges": p.merges,
         "merging_pages": p.merging_pages, "zero_pages": p.zero_pages,
         "rmap_items": p.rmap_items, "profit_bytes": p.profit_bytes,
         "cow_breaks": p.cow_breaks, "cow_estimated": p.cow_estimated,
-    } for p in last.processes]
+        "workload": _workload_json(workload_of(p)),
+    } for p in group_rows(last.processes, by, last_known=True)]
     return {
         "file": path,
         "format": rec.version,
@@ -268,6 +280,7 @@ def summarise(path: str) -> dict[str, Any]:
             "latency": _hist(last.hist.get("merge_latency_seconds", {})),
         },
         "counting": {
+            "by": by,
             "mm_enters": fig("mm_enters"),
             "mm_exits": fig("mm_exits"),
             "owners_resolved": fig("owners_resolved"),
@@ -367,15 +380,17 @@ def format_report(r: dict[str, Any]) -> str:
     row("mms leaving KSM (traced)", c["mm_exits"])
     est = u["cow_estimated"]
     out.append(f"  {'pid':>8} {'comm':16} {'merges':>8} {'merging':>8} {'zero':>6} "
-               f"{'cow':>8} {'profit':>12}")
+               f"{'cow':>8} {'profit':>12}  workload")
     for p in c["processes"]:
         dash = "-"
         cow = f"{'~' if p['cow_estimated'] else ''}{p['cow_breaks']}"
+        w = p["workload"]
+        label = Workload(w["kind"], w["name"]).label
         out.append(f"  {p['pid']:>8} {p['comm'][:16]:16} {p['merges']:>8} "
                    f"{p['merging_pages'] if p['merging_pages'] is not None else dash:>8} "
                    f"{p['zero_pages'] if p['zero_pages'] is not None else dash:>6} "
                    f"{cow:>8} "
-                   f"{p['profit_bytes'] if p['profit_bytes'] is not None else dash:>12}")
+                   f"{p['profit_bytes'] if p['profit_bytes'] is not None else dash:>12}  {label}")
     if not c["processes"]:
         out.append("  (no process used KSM)")
     out.append("  merging, zero, profit: the process's last ksm_stat (bytes for profit)")
@@ -413,7 +428,7 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    r = summarise(args.file)
+    r = summarise(args.file, args.by)
     if args.json:
         print(json.dumps(r, indent=2))
     else:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from ksmtrace import argtypes, session
 from ksmtrace.collector import Collector
 from ksmtrace.errors import not_root
+from ksmtrace.grouping import GROUPS, group_rows, workload_of
 from ksmtrace.model import Snapshot
 
 EPILOG = """\
@@ -24,6 +25,7 @@ examples:
   sudo ksmtrace stat 5 12           every 5 s, 12 lines
   ksmtrace stat --sysfs-only        the kernel's counters only, no root needed
   sudo ksmtrace stat -p 1234 -j     JSON lines, with pid 1234's figures
+  sudo ksmtrace stat --by workload  a line per VM, container or service
   sudo ksmtrace stat --demo 1 15    start a demo workload (4 processes merging,
                                     then copy-on-write storms) and watch it
 
@@ -58,6 +60,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("count", nargs="?", type=argtypes.count, default=0,
                    help="lines to print (default: until Ctrl-C)")
     p.add_argument("-j", "--json", action="store_true", help="one JSON object per interval")
+    p.add_argument("--by", choices=GROUPS, default="process",
+                   help="a line per process (default), per workload (VM, container, "
+                   "service) or per kind of workload under each interval")
     p.add_argument("--demo", action="store_true",
                    help="run the demo workload while printing (root; restores every knob)")
     session.add_source_options(p)
@@ -82,7 +87,7 @@ def _opt(v: object) -> str:
     return "-" if v is None else str(v)
 
 
-def format_line(s: Snapshot) -> str:
+def format_line(s: Snapshot, by: str = "process") -> str:
     k, r = s.ksm, s.rates
 
     def rate(name: str) -> str:
@@ -96,9 +101,11 @@ def format_line(s: Snapshot) -> str:
             f"{rate('merges'):>8} {rate('merge_failures'):>6} {rate('cow_ksm'):>7} "
             f"{rate('ksm_pages_removed'):>6} {human(s.saved_bytes):>8} "
             f"{s.lost_events if s.traced else '-':>5}")
-    for p in s.processes:
+    for p in group_rows(s.processes, by):
         est = " (estimated)" if p.cow_estimated else ""
-        line += (f"\n{'':9}pid {p.pid} {p.comm}: merging={_opt(p.merging_pages)} "
+        who = f"pid {p.pid} {p.comm}" if by == "process" else \
+            f"{workload_of(p).label} ({p.comm})"
+        line += (f"\n{'':9}{who}: merging={_opt(p.merging_pages)} "
                  f"merges={p.merges} cow={p.cow_breaks}{est} "
                  f"profit={human(p.profit_bytes or 0)}")
     return line
@@ -148,6 +155,6 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     if printed and printed % 20 == 0:
                         print(HEADER)
-                    print(format_line(snap), flush=True)
+                    print(format_line(snap, args.by), flush=True)
                 printed += 1
     return 0

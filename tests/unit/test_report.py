@@ -5,6 +5,7 @@ trace with one slice per scan round and instants on each process's track."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import subprocess
@@ -16,8 +17,9 @@ import pytest
 
 from ksmtrace import report
 from ksmtrace.collector import Collector
+from ksmtrace.kernel.identity import Workload
 from ksmtrace.model import EventKind, iter_events
-from ksmtrace.record import Recording
+from ksmtrace.record import Recorder, Recording
 from ksmtrace.sources.replay import ReplaySource
 
 FIX = Path(__file__).parent.parent / "fixtures" / "recordings" / "host-6.18-workload.ksmrec"
@@ -179,3 +181,58 @@ def test_merges_and_cow_are_instants_per_process(trace, rep):
 def test_timestamps_start_at_zero(trace):
     ts = [e["ts"] for e in trace["traceEvents"] if "ts" in e]
     assert min(ts) == 0 and all(t >= 0 for t in ts)
+
+
+# ---------------------------------------------------------------- workloads
+VM1 = Workload("vm", "vm1", "", (("manager", "libvirt"),))
+CTR = Workload("container", "3f2a9c1b2d4e", "3f2a9c1b2d4e" * 5 + "abcd",
+               (("runtime", "docker"),))
+
+
+@pytest.fixture(scope="module")
+def tagged(tmp_path_factory) -> Path:
+    """The fixture recorded again (version 3) with two of its processes in
+    one VM and the third in a container."""
+    with Recording(FIX) as r:
+        header = {k: v for k, v in r.header.items() if k not in ("format", "ksmtrace")}
+        ticks = list(r.ticks())
+    pids = sorted({p.pid for t in ticks for p in t.counters.processes})
+    owner = {pids[0]: VM1, pids[1]: VM1, pids[2]: CTR}
+    out = tmp_path_factory.mktemp("wl") / "tagged.ksmrec"
+    with Recorder(out, header) as w:
+        for t in ticks:
+            procs = tuple(dataclasses.replace(p, workload=owner[p.pid])
+                          for p in t.counters.processes)
+            w.write(dataclasses.replace(t, counters=dataclasses.replace(t.counters,
+                                                                        processes=procs)))
+    return out
+
+
+def test_report_by_workload_sums_each_workloads_processes(tagged):
+    per_process = report.summarise(str(tagged))["counting"]["processes"]
+    r = report.summarise(str(tagged), "workload")
+    assert r["counting"]["by"] == "workload"
+    rows = {(p["workload"]["kind"], p["workload"]["name"]): p for p in r["counting"]["processes"]}
+    assert set(rows) == {("vm", "vm1"), ("container", "3f2a9c1b2d4e")}
+    vm = [p for p in per_process if p["workload"]["name"] == "vm1"]
+    assert len(vm) == 2 and rows["vm", "vm1"]["comm"] == "2 procs"
+    for f in ("merges", "merging_pages", "zero_pages", "rmap_items", "profit_bytes",
+              "cow_breaks"):
+        assert rows["vm", "vm1"][f] == sum(p[f] for p in vm), f
+    assert rows["container", "3f2a9c1b2d4e"]["workload"]["detail"] == {"runtime": "docker"}
+    # the totals do not depend on the grouping
+    assert sum(p["merges"] for p in rows.values()) == r["merging"]["merges"]
+    text = report.format_report(r)
+    assert "vm:vm1" in text and "ctr:3f2a9c1b2d4e" in text
+
+
+def test_stat_lines_by_workload(tagged):
+    from ksmtrace.stat import format_line
+
+    with ReplaySource(tagged) as src:
+        col = Collector.for_source(src)
+        last = [col.add_tick(t) for t in src.ticks()][6]
+    lines = format_line(last, "workload").splitlines()[1:]
+    assert [ln.split(":", 2)[0].strip() + ":" + ln.split(":", 2)[1].split(" ")[0]
+            for ln in lines] == ["vm:vm1", "ctr:3f2a9c1b2d4e"]
+    assert "(2 procs)" in lines[0]
