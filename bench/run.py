@@ -32,6 +32,7 @@ MODULES = [
     ("replay", "recording parse rate"),
     ("export_scrape", "exporter scrape time, 1,000 processes"),
     ("tui_frame", "TUI frame time, 1,000 processes"),
+    ("pagemap", "page map reader, 4 GiB process and QEMU guest (root)"),
 ]
 KEYS = ("name", "value", "unit", "target", "met", "note")
 

@@ -17,9 +17,10 @@ fi
 # linux-headers-amd64: bcc compiles against headers; ksmtrace merges them into a
 # private tree when the running kernel has none (see ksmtrace/kernel/headers.py).
 # prometheus: the metrics tests start a real one. tmux: the real-terminal TUI test.
-# bpftrace: the benchmark's side-by-side baseline.
+# bpftrace: the benchmark's side-by-side baseline. python3-numpy: the page map
+# reader (pyproject lists numpy too; the venv sees Debian's, so pip adds none).
 PKGS="python3 python3-venv python3-dev python3-bpfcc bpfcc-tools bpftool linux-headers-amd64
-      gcc make prometheus tmux bpftrace procps util-linux"
+      gcc make prometheus tmux bpftrace procps util-linux python3-numpy"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"

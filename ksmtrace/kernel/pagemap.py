@@ -9,8 +9,13 @@ Sources (Documentation/admin-guide/mm/pagemap.rst), all root-only:
 - /proc/kpageflags        one u64 per pfn: KPF_KSM bit 21, KPF_ZERO_PAGE bit 24
 - /proc/kpagecount        one u64 per pfn: number of PTEs mapping the page
 
-pagemap is read once per area; kpageflags and kpagecount only at the distinct
-pfns found, sorted and grouped into a few contiguous reads.
+All of it is numpy, not a loop per page. pagemap is read in pieces of at most
+`_CHUNK` entries; the pages are then looked up in batches of `_CHUNK`:
+kpageflags and kpagecount are read only around the pfns found, in a few
+contiguous reads found from the runs of consecutive pfns (no sort per page),
+on two threads for large batches. The kernel's own work dominates: ~140 ns
+per pfn for each of kpageflags and kpagecount on the development host, so a
+map costs about that per distinct pfn, however fast the rest (bench/pagemap.py).
 
 KPF_KSM is wrong on some kernels (6.12): stable_page_flags() tests
 `mapping & PAGE_MAPPING_KSM`, which PAGE_MAPPING_ANON alone satisfies, so every
@@ -28,16 +33,20 @@ by their byte offset in hex. Bytes outside every chunk read as zero.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import errno
 import mmap
 import os
-from array import array
+import sys
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from ksmtrace.errors import NoProcess, NotRoot
 
@@ -51,8 +60,16 @@ KPF_THP = 1 << 22
 KPF_ZERO_PAGE = 1 << 24
 
 # kpageflags/kpagecount reads: pfns closer than this share one read, which
-# costs at most this many unused u64s per gap but saves a syscall.
-_PFN_GAP = 64
+# costs at most this many unused u64s per gap but saves a read. On the
+# development host the kernel takes ~140 ns per u64 and a read costs ~2 us
+# more (syscall, Python): 16 unused u64s cost about one read.
+_PFN_GAP = 16
+# pagemap entries per read, and pages per batch of the pfn lookup: the memory
+# held beyond the map's own arrays is a small multiple of this many u64s.
+_CHUNK = 1 << 20
+# u64s per file from which a batch reads kpageflags and kpagecount on two
+# threads (below it, starting a thread costs more than it saves)
+_PARALLEL = 1 << 15
 
 
 class PageState(enum.Enum):
@@ -94,6 +111,27 @@ class RootFiles:
     def __init__(self, root: str | os.PathLike = "/"):
         self.root = Path(root)
         self._chunks: dict[Path, tuple[list[int], list[bytes]]] = {}
+        # rel -> the live file's path, or the Path of its .chunks directory:
+        # found once, as a page map makes thousands of reads of a few files
+        self._where: dict[str, str | Path] = {}
+        # live path -> fd, inside held_open() only; each file is read by one
+        # thread at a time, so no two threads open the same one
+        self._fds: dict[str, int] | None = None
+
+    @contextlib.contextmanager
+    def held_open(self) -> Iterator[None]:
+        """Within it, a live file stays open from its first pread until the
+        end (an open costs as much as reading ~50 pfns' flags). Re-entrant."""
+        if self._fds is not None:
+            yield
+            return
+        self._fds = {}
+        try:
+            yield
+        finally:
+            fds, self._fds = self._fds, None
+            for fd in fds.values():
+                os.close(fd)
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -106,11 +144,19 @@ class RootFiles:
         return self.path(rel).read_text()
 
     def pread(self, rel: str, offset: int, size: int) -> bytes:
-        p = self.path(rel)
-        chunks = p.with_name(p.name + ".chunks")
-        if not p.exists() and chunks.is_dir():
-            return self._pread_chunks(chunks, offset, size)
-        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        where = self._where.get(rel)
+        if where is None:
+            p = self.path(rel)
+            chunks = p.with_name(p.name + ".chunks")
+            where = self._where[rel] = chunks if not p.exists() and chunks.is_dir() else str(p)
+        if isinstance(where, Path):
+            return self._pread_chunks(where, offset, size)
+        fds = self._fds
+        fd = fds.get(where) if fds is not None else None
+        if fd is None:
+            fd = os.open(where, os.O_RDONLY | os.O_CLOEXEC)
+            if fds is not None:
+                fds[where] = fd
         try:
             parts = []
             while size > 0:
@@ -122,7 +168,8 @@ class RootFiles:
                 size -= len(data)
             return b"".join(parts)
         finally:
-            os.close(fd)
+            if fds is None:
+                os.close(fd)
 
     def _pread_chunks(self, d: Path, offset: int, size: int) -> bytes:
         if d not in self._chunks:
@@ -138,12 +185,6 @@ class RootFiles:
                 out[lo - offset : hi - offset] = blobs[i][lo - offsets[i] : hi - offsets[i]]
             i += 1
         return bytes(out)
-
-
-def _u64s(data: bytes) -> array:
-    a = array("Q")
-    a.frombytes(data[: len(data) - len(data) % 8])
-    return a
 
 
 def parse_smaps_areas(text: str) -> list[Area]:
@@ -203,6 +244,11 @@ def mergeable_areas(
 _kpf_ksm_reliable: bool | None = None
 
 
+def _u64(data: bytes) -> int:
+    """One native u64; 0 for a short read (no page there)."""
+    return int.from_bytes(data, sys.byteorder) if len(data) == 8 else 0
+
+
 def kpf_ksm_reliable() -> bool:
     """Whether /proc/kpageflags' KPF_KSM marks KSM pages only, tested once
     on an anonymous page of this process, which is certainly not one (root;
@@ -222,75 +268,128 @@ def _test_kpf_ksm() -> bool:
         del view  # an exported buffer would pin the mmap
         try:
             with open("/proc/self/pagemap", "rb", buffering=0) as f:
-                (entry,) = _u64s(os.pread(f.fileno(), 8, addr // PAGE_SIZE * 8))
+                entry = _u64(os.pread(f.fileno(), 8, addr // PAGE_SIZE * 8))
             pfn = entry & PM_PFN_MASK
             if not entry & PM_PRESENT or not pfn:
                 return True
             with open("/proc/kpageflags", "rb", buffering=0) as f:
-                (flags,) = _u64s(os.pread(f.fileno(), 8, pfn * 8))
-        except (OSError, ValueError):
+                flags = _u64(os.pread(f.fileno(), 8, pfn * 8))
+        except OSError:
             return True
         return not flags & KPF_KSM
     finally:
         page.close()
 
 
+@dataclass(frozen=True)
+class _FlagReads:
+    """The kpageflags reads of one lookup batch: each read's first pfn
+    (sorted, reads disjoint), where its u64s start in `flags`, the u64s, and
+    which of them are at a pfn of the batch's pages (the rest fill gaps)."""
+
+    first: np.ndarray
+    offset: np.ndarray
+    flags: np.ndarray
+    held: np.ndarray
+
+    def get(self, pfn: int) -> int | None:
+        if not 0 < pfn <= PM_PFN_MASK:
+            return None
+        i = int(np.searchsorted(self.first, pfn, side="right")) - 1
+        if i < 0:
+            return None
+        j = int(self.offset[i]) + pfn - int(self.first[i])
+        end = int(self.offset[i + 1]) if i + 1 < len(self.offset) else len(self.flags)
+        return int(self.flags[j]) if j < end and self.held[j] else None
+
+
 class PageMap:
-    """Pages of some areas of one process, stored compactly (one array entry
-    per page, not one object). Iterate for `PageInfo`s in address order.
-    `ksm_inferred`: this kernel's KPF_KSM is wrong, KSM pages were inferred
-    (see the module's docstring)."""
+    """Pages of some areas of one process, stored as numpy arrays (one entry
+    per page, in address order, areas one after another). Iterate for
+    `PageInfo`s in address order; `page_pfns` gives one state's pfns as an
+    array. `ksm_inferred`: this kernel's KPF_KSM is wrong, KSM pages were
+    inferred (see the module's docstring)."""
 
     def __init__(
         self,
         pid: int,
         areas: Sequence[Area],
-        states: bytes,
-        pfns: array,
-        mappers: array,
-        flags: dict[int, int],
+        states: np.ndarray,
+        pfns: np.ndarray,
+        mappers: np.ndarray,
+        flags: Sequence[_FlagReads],
         ksm_inferred: bool = False,
     ):
         self.pid = pid
         self.ksm_inferred = ksm_inferred
         self.areas = tuple(areas)
-        self._states = states  # index into _STATES per page
-        self._pfns = pfns  # 0 when absent
-        self._mappers = mappers  # -1 when absent
-        self._flags = flags  # kpageflags per distinct pfn
-        self.counts: dict[PageState, int] = {s: states.count(_CODE[s]) for s in PageState}
+        self._states = states  # uint8 per page, index into _STATES
+        self._pfns = pfns  # int64 per page, 0 when absent
+        self._mappers = mappers  # int64 per page, -1 when absent
+        # one per lookup batch; a pfn in several batches was read in each,
+        # and the first batch's read answers
+        self._flags = tuple(flags)
+        # the page index at which each area starts, then the number of pages
+        self._first = np.cumsum([0] + [a.pages for a in self.areas])
+        n = np.bincount(states, minlength=len(_STATES))
+        self.counts: dict[PageState, int] = {s: int(n[_CODE[s]]) for s in PageState}
 
     def __len__(self) -> int:
         return len(self._states)
 
     def __iter__(self) -> Iterator[PageInfo]:
-        i = 0
-        for area in self.areas:
-            for addr in range(area.start, area.end, PAGE_SIZE):
-                state = _STATES[self._states[i]]
+        return self._infos(np.arange(len(self._states)))
+
+    def _infos(self, idx: np.ndarray) -> Iterator[PageInfo]:
+        """PageInfos of the pages at sorted indexes `idx`, made in slices so
+        that only one slice's Python objects exist at a time."""
+        starts = np.array([a.start for a in self.areas], dtype=np.int64)
+        for lo in range(0, len(idx), 1 << 16):
+            i = idx[lo : lo + (1 << 16)]
+            area = np.searchsorted(self._first, i, side="right") - 1
+            addrs = starts[area] + (i - self._first[area]) * PAGE_SIZE
+            for addr, code, pfn, mappers in zip(
+                addrs.tolist(),
+                self._states[i].tolist(),
+                self._pfns[i].tolist(),
+                self._mappers[i].tolist(),
+                strict=True,
+            ):
+                state = _STATES[code]
                 if state is PageState.ABSENT:
                     yield PageInfo(addr, state, None, None)
                 else:
-                    yield PageInfo(addr, state, self._pfns[i], self._mappers[i])
-                i += 1
+                    yield PageInfo(addr, state, pfn, mappers)
 
     def pages(self, state: PageState | None = None) -> Iterator[PageInfo]:
-        return (p for p in self if state is None or p.state is state)
+        if state is None:
+            return iter(self)
+        return self._infos(np.flatnonzero(self._states == _CODE[state]))
+
+    def page_pfns(self, state: PageState) -> tuple[np.ndarray, np.ndarray]:
+        """(pfns, mappers) of every page in `state`, one entry per page in
+        address order (a pfn mapped at several addresses repeats): int64
+        arrays, the caller's own copies. For set operations across processes
+        without a Python loop, e.g. the KSM pages two processes share:
+        `np.intersect1d(a.page_pfns(KSM)[0], b.page_pfns(KSM)[0])`. Empty for
+        ABSENT, which has no pfns."""
+        if state is PageState.ABSENT:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        mask = self._states == _CODE[state]
+        return self._pfns[mask], self._mappers[mask]
 
     def pfns(self, state: PageState) -> dict[int, int]:
         """Distinct pfns in `state` -> mappers (kpagecount) of each."""
-        if state is PageState.ABSENT:
-            return {}
-        code = _CODE[state]
-        return {
-            self._pfns[i]: self._mappers[i]
-            for i in range(len(self._states))
-            if self._states[i] == code
-        }
+        pfns, mappers = self.page_pfns(state)
+        distinct, first = np.unique(pfns, return_index=True)
+        return dict(zip(distinct.tolist(), mappers[first].tolist(), strict=True))
 
     def kpageflags(self, pfn: int) -> int | None:
         """Raw /proc/kpageflags bits of a pfn this map contains."""
-        return self._flags.get(pfn)
+        for reads in self._flags:
+            if (flags := reads.get(pfn)) is not None:
+                return flags
+        return None
 
     @property
     def ksm_pages(self) -> int:
@@ -301,27 +400,84 @@ class PageMap:
         return self.counts[PageState.ZERO]
 
 
-def _pfn_runs(pfns: Sequence[int]) -> Iterator[tuple[int, int]]:
-    """(first, count) reads covering sorted distinct pfns."""
-    if not pfns:
-        return
-    start = prev = pfns[0]
-    for pfn in pfns[1:]:
-        if pfn - prev > _PFN_GAP:
-            yield start, prev - start + 1
-            start = pfn
-        prev = pfn
-    yield start, prev - start + 1
+def _reads(pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reads covering the pfns of some pages (int64, in page order, repeats
+    allowed): (first pfn, length) of each read, sorted and disjoint, and each
+    page's index into the concatenation of the reads. Found from the runs of
+    pages whose pfn goes up by one from page to page (a THP is one run), so
+    only the runs are sorted, not the pages. Reads start and end at a page's
+    pfn, and join pfns no more than _PFN_GAP apart, as if between the sorted
+    distinct pfns."""
+    n = len(pfns)
+    start = np.flatnonzero(np.diff(pfns, prepend=pfns[:1] - 2) != 1)  # each run's first page
+    length = np.diff(start, append=n)
+    lo = pfns[start]
+    order = np.argsort(lo, kind="stable")
+    lo_sorted = lo[order]
+    reach = np.maximum.accumulate(lo_sorted + length[order] - 1)  # highest pfn so far
+    new = np.ones(len(order), bool)  # the run starts a read
+    new[1:] = lo_sorted[1:] - reach[:-1] > _PFN_GAP
+    heads = np.flatnonzero(new)
+    first = lo_sorted[heads]
+    read_length = reach[np.append(heads[1:], len(order)) - 1] - first + 1
+    read = np.empty(len(order), np.int64)
+    read[order] = np.cumsum(new) - 1  # the read each run falls in
+    shift = (np.cumsum(read_length) - read_length - first)[read]  # pfn -> index, per run
+    return first, read_length, pfns + np.repeat(shift, length)
 
 
-def _read_per_pfn(files: RootFiles, rel: str, pfns: Sequence[int]) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for first, count in _pfn_runs(pfns):
-        values = _u64s(files.pread(rel, first * 8, count * 8))
-        for pfn in pfns[bisect_right(pfns, first - 1) : bisect_right(pfns, first + count - 1)]:
-            idx = pfn - first
-            out[pfn] = values[idx] if idx < len(values) else 0
-    return out
+def _read_u64s(files: RootFiles, rel: str, first: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """The concatenated u64s at [first, first + length) of each read; past the
+    file's end they read as zero."""
+    parts = []
+    for f, n in zip(first.tolist(), length.tolist(), strict=True):
+        data = files.pread(rel, f * 8, n * 8)
+        parts.append(data + bytes(n * 8 - len(data)))
+    return np.frombuffer(b"".join(parts), np.uint64)
+
+
+def _read_flags_and_counts(
+    files: RootFiles, first: np.ndarray, length: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """kpageflags and kpagecount over the same reads. The kernel computes
+    every u64 it returns (~140 ns each on the development host), so a large
+    batch reads the two files on two threads: os.pread releases the GIL."""
+    if length.sum() < _PARALLEL:
+        return (
+            _read_u64s(files, "proc/kpageflags", first, length),
+            _read_u64s(files, "proc/kpagecount", first, length),
+        )
+    with ThreadPoolExecutor(1, thread_name_prefix="ksmtrace-kpagecount") as pool:
+        counts = pool.submit(_read_u64s, files, "proc/kpagecount", first, length)
+        return _read_u64s(files, "proc/kpageflags", first, length), counts.result()
+
+
+def _read_pagemap(files: RootFiles, pid: int, areas: Sequence[Area]) -> np.ndarray:
+    """The raw pagemap entries of `areas`, one after another (uint64), read
+    in pieces of at most _CHUNK entries."""
+    rel = f"{_pid_dir(pid)}/pagemap"
+    entries = np.zeros(sum(a.pages for a in areas), np.uint64)
+    at = 0
+    for area in areas:
+        first = area.start // PAGE_SIZE
+        for lo in range(0, area.pages, _CHUNK):
+            want = min(_CHUNK, area.pages - lo)
+            try:
+                data = files.pread(rel, (first + lo) * 8, want * 8)
+            except PermissionError as e:
+                raise _hidden(f"/proc/{pid}/pagemap") from e
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.ESRCH):
+                    raise _no_process(pid) from e
+                raise
+            got = np.frombuffer(data, np.uint64, len(data) // 8)
+            entries[at + lo : at + lo + len(got)] = got
+            if len(got) < want:  # area unmapped or the process exited mid-read
+                if not files.exists(_pid_dir(pid)):
+                    raise _no_process(pid)
+                break  # the rest of the area stays zero: absent
+        at += area.pages
+    return entries
 
 
 def read_page_map(
@@ -341,54 +497,46 @@ def read_page_map(
         raise _no_process(pid)
     if areas is None:
         areas = mergeable_areas(pid, files=files)
-    entries = array("Q")
-    for area in areas:
-        try:
-            data = files.pread(
-                f"{_pid_dir(pid)}/pagemap", area.start // PAGE_SIZE * 8, area.pages * 8
-            )
-        except PermissionError as e:
-            raise _hidden(f"/proc/{pid}/pagemap") from e
-        except OSError as e:
-            if e.errno in (errno.ENOENT, errno.ESRCH):
-                raise _no_process(pid) from e
-            raise
-        got = _u64s(data)
-        if len(got) < area.pages:  # area unmapped or the process exited mid-read
-            if not files.exists(_pid_dir(pid)):
-                raise _no_process(pid)
-            got.extend([0] * (area.pages - len(got)))
-        entries.extend(got)
-
-    pfns = array("Q", bytes(8 * len(entries)))
-    present = []
-    for i, e in enumerate(entries):
-        if e & PM_PRESENT:
-            pfn = e & PM_PFN_MASK
-            if pfn == 0:
-                # Since 4.2 pagemap shows pfn 0 to anyone without CAP_SYS_ADMIN.
-                raise _hidden(f"/proc/{pid}/pagemap")
-            pfns[i] = pfn
-            present.append(i)
-
-    distinct = sorted({pfns[i] for i in present})
-    try:
-        flags = _read_per_pfn(files, "proc/kpageflags", distinct)
-        counts = _read_per_pfn(files, "proc/kpagecount", distinct)
-    except PermissionError as e:
-        raise _hidden("/proc/kpageflags and /proc/kpagecount") from e
-
-    states = bytearray([_CODE[PageState.ABSENT]]) * len(entries)
-    mappers = array("q", [-1]) * len(entries)
-    ksm, zero, plain = _CODE[PageState.KSM], _CODE[PageState.ZERO], _CODE[PageState.PRESENT]
     # a fixture tree was recorded on a kernel whose flags were checked
     infer = files.root == Path("/") and not kpf_ksm_reliable()
-    for i in present:
-        pfn = pfns[i]
-        f = flags[pfn]
-        # The zero page check comes first: it is never a KSM page, and KSM's
-        # use_zero_pages maps it instead of a KSM page.
-        is_ksm = f & KPF_KSM and (not infer or counts[pfn] >= 2)
-        states[i] = zero if f & KPF_ZERO_PAGE else ksm if is_ksm else plain
-        mappers[i] = counts[pfn]
-    return PageMap(pid, areas, bytes(states), pfns, mappers, flags, infer)
+    with files.held_open():
+        return _read_map(files, pid, areas, infer)
+
+
+def _read_map(files: RootFiles, pid: int, areas: Sequence[Area], infer: bool) -> PageMap:
+    pfns = _read_pagemap(files, pid, areas)
+    states = np.full(len(pfns), _CODE[PageState.ABSENT], np.uint8)
+    mappers = np.full(len(pfns), -1, np.int64)
+    flag_reads: list[_FlagReads] = []
+    for lo in range(0, len(pfns), _CHUNK):
+        entries = pfns[lo : lo + _CHUNK]  # a view: becomes the batch's pfns in place
+        present = entries >= np.uint64(PM_PRESENT)
+        entries &= np.uint64(PM_PFN_MASK)
+        entries[~present] = 0
+        page = np.flatnonzero(present)
+        if not len(page):
+            continue
+        pfn = entries[page].view(np.int64)
+        if not pfn.all():
+            # Since 4.2 pagemap shows pfn 0 to anyone without CAP_SYS_ADMIN.
+            raise _hidden(f"/proc/{pid}/pagemap")
+        first, length, at = _reads(pfn)
+        try:
+            flags, counts = _read_flags_and_counts(files, first, length)
+        except PermissionError as e:
+            raise _hidden("/proc/kpageflags and /proc/kpagecount") from e
+        held = np.zeros(len(flags), bool)
+        held[at] = True
+        flag_reads.append(_FlagReads(first, np.cumsum(length) - length, flags, held))
+        f, n = flags[at], counts[at].view(np.int64)
+        code = np.full(len(page), _CODE[PageState.PRESENT], np.uint8)
+        ksm = (f & np.uint64(KPF_KSM)) != 0
+        if infer:
+            ksm &= n >= 2
+        code[ksm] = _CODE[PageState.KSM]
+        # The zero page check comes last, overriding: it is never a KSM page,
+        # and KSM's use_zero_pages maps it instead of a KSM page.
+        code[(f & np.uint64(KPF_ZERO_PAGE)) != 0] = _CODE[PageState.ZERO]
+        states[lo : lo + _CHUNK][page] = code
+        mappers[lo : lo + _CHUNK][page] = n
+    return PageMap(pid, areas, states, pfns.view(np.int64), mappers, flag_reads, infer)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ksmtrace.errors import NoProcess, NotRoot
 from ksmtrace.kernel import pagemap, procfs
@@ -207,9 +211,45 @@ def test_chunk_reads_join_and_zero_fill(tmp_path):
     assert files.pread("proc/kpagecount", 1000, 8) == b"\0" * 8
 
 
-def test_pfn_reads_are_batched(monkeypatch):
-    assert list(pagemap._pfn_runs([5, 6, 7, 50, 1000, 1001])) == [(5, 46), (1000, 2)]
-    assert list(pagemap._pfn_runs([])) == []
+def pfn_runs(pfns: list[int]) -> list[tuple[int, int]]:
+    """The reads the page-by-page reader made: (first, count) over the sorted
+    distinct pfns, split where two are more than _PFN_GAP apart."""
+    runs: list[tuple[int, int]] = []
+    for pfn in sorted(set(pfns)):
+        if runs and pfn - (runs[-1][0] + runs[-1][1] - 1) <= pagemap._PFN_GAP:
+            runs[-1] = (runs[-1][0], pfn - runs[-1][0] + 1)
+        else:
+            runs.append((pfn, 1))
+    return runs
+
+
+def check_reads(pfns: list[int]) -> None:
+    first, length, at = pagemap._reads(np.array(pfns, np.int64))
+    assert list(zip(first.tolist(), length.tolist(), strict=True)) == pfn_runs(pfns)
+    # each page's index into the concatenated reads lands on its own pfn
+    read_pfns = np.concatenate([np.arange(f, f + n) for f, n in zip(first, length, strict=True)])
+    assert read_pfns[at].tolist() == pfns
+
+
+def test_pfn_reads_group_runs_like_the_sorted_distinct_pfns():
+    gap = pagemap._PFN_GAP
+    pfns = [5, 6, 7, 7 + gap, 7 + 2 * gap + 1, 1000, 1001]
+    assert pfn_runs(pfns) == [(5, gap + 3), (7 + 2 * gap + 1, 1), (1000, 2)]
+    check_reads(pfns)
+    # out of order, repeated, overlapping runs, a run inside another
+    check_reads([1001, 1000, 7, 5, 6, 50, 6, 7, 8, 5, 6, 300, 301, 302, 299, 300, 1002, 1000])
+    check_reads([42])
+    # the pfns of the recorded pages, as the reader meets them (all three dups)
+    maps = [read_page_map(pid, root=HOST) for pid in DUPS]
+    check_reads([p.pfn for pm in maps for p in pm if p.pfn is not None])
+
+
+@given(st.lists(st.integers(1, 1 << 20) | st.integers(1 << 50, (1 << 50) + 300), min_size=1))
+def test_pfn_reads_any_order(pfns):
+    check_reads(pfns)
+
+
+def record_preads(monkeypatch) -> list[tuple[str, int, int]]:
     calls: list[tuple[str, int, int]] = []
     real = RootFiles.pread
 
@@ -218,6 +258,11 @@ def test_pfn_reads_are_batched(monkeypatch):
         return real(self, rel, offset, size)
 
     monkeypatch.setattr(RootFiles, "pread", pread)
+    return calls
+
+
+def test_pfn_reads_are_batched(monkeypatch):
+    calls = record_preads(monkeypatch)
     pm = read_page_map(DUPS[0], root=HOST)
     by_file: dict[str, int] = {}
     for rel, _, _ in calls:
@@ -225,6 +270,113 @@ def test_pfn_reads_are_batched(monkeypatch):
     assert by_file[f"proc/{DUPS[0]}/pagemap"] == 1  # one read per area
     distinct = {p.pfn for p in pm if p.pfn is not None}
     assert by_file["proc/kpageflags"] == by_file["proc/kpagecount"] <= len(distinct)
+
+
+def same_maps(a: pagemap.PageMap, b: pagemap.PageMap) -> None:
+    assert list(a) == list(b) and a.counts == b.counts and a.areas == b.areas
+    for state in PageState:
+        assert a.pfns(state) == b.pfns(state)
+        for x, y in zip(a.page_pfns(state), b.page_pfns(state), strict=True):
+            assert np.array_equal(x, y)
+    for p in a:
+        if p.pfn is not None:
+            assert a.kpageflags(p.pfn) == b.kpageflags(p.pfn) is not None
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 50, 127])
+def test_reads_and_lookups_across_chunk_boundaries(monkeypatch, chunk):
+    whole = {pid: read_page_map(pid, root=HOST) for pid in DUPS}
+    (area,) = whole[DUPS[0]].areas
+    parts = [
+        Area(area.start, area.start + 70 * PAGE_SIZE),
+        Area(area.start + 70 * PAGE_SIZE, area.end),
+    ]
+    split = read_page_map(DUPS[0], parts, root=HOST)
+    calls = record_preads(monkeypatch)
+    monkeypatch.setattr(pagemap, "_CHUNK", chunk)
+    for pid in DUPS:
+        same_maps(read_page_map(pid, root=HOST), whole[pid])
+    # pagemap read in pieces of `chunk` entries, each area on its own
+    rel = f"proc/{DUPS[0]}/pagemap"
+    base = area.start // PAGE_SIZE * 8
+    offsets = [(o - base) // 8 for r, o, _ in calls if r == rel]
+    assert offsets == list(range(0, AREA_PAGES, chunk))
+    assert sum(n for r, _, n in calls if r == rel) == AREA_PAGES * 8
+    calls.clear()
+    same_maps(read_page_map(DUPS[0], parts, root=HOST), split)
+    offsets = [(o - base) // 8 for r, o, _ in calls if r == rel]
+    assert offsets == [*range(0, 70, chunk), *range(70, AREA_PAGES, chunk)]
+
+
+def test_flags_and_counts_on_two_threads_give_the_same_map(monkeypatch):
+    whole = read_page_map(DUPS[0], root=HOST)
+    monkeypatch.setattr(pagemap, "_PARALLEL", 0)
+    same_maps(read_page_map(DUPS[0], root=HOST), whole)
+    real = RootFiles.pread
+
+    def pread(self, rel, offset, size):
+        if rel == "proc/kpagecount":  # read on the second thread
+            raise PermissionError(13, "Permission denied")
+        return real(self, rel, offset, size)
+
+    monkeypatch.setattr(RootFiles, "pread", pread)
+    with pytest.raises(NotRoot):
+        read_page_map(DUPS[0], root=HOST)
+
+
+def test_kpageflags_only_for_pfns_of_the_map():
+    pm = read_page_map(DUPS[0], root=HOST)
+    mine = {p.pfn for p in pm if p.pfn is not None}
+    (reads,) = pm._flags
+    # pfns inside a read but at no page of the map (the gaps a read spans)
+    length = np.diff(reads.offset, append=len(reads.flags))
+    spanned = {f + i for f, n in zip(reads.first, length, strict=True) for i in range(n)}
+    assert spanned > mine
+    assert all(pm.kpageflags(pfn) is None for pfn in spanned - mine)
+    assert all(pm.kpageflags(pfn) is not None for pfn in mine)
+    assert pm.kpageflags(min(mine) - 1) is None and pm.kpageflags(max(mine) + 1) is None
+
+
+def test_page_pfns_per_state():
+    maps = [read_page_map(pid, root=HOST) for pid in DUPS]
+    for pm in maps:
+        for state in (PageState.KSM, PageState.ZERO, PageState.PRESENT):
+            pfns, mappers = pm.page_pfns(state)
+            pages = list(pm.pages(state))
+            assert pfns.dtype == mappers.dtype == np.int64
+            assert pfns.tolist() == [p.pfn for p in pages]
+            assert mappers.tolist() == [p.mappers for p in pages]
+            assert pm.pfns(state) == dict(zip(pfns.tolist(), mappers.tolist(), strict=True))
+        pfns, mappers = pm.page_pfns(PageState.ABSENT)
+        assert len(pfns) == len(mappers) == 0
+    ksm = [pm.page_pfns(PageState.KSM)[0] for pm in maps]
+    assert [len(k) for k in ksm] == [N_DUP - 1, N_DUP, N_DUP]  # dup-0 copied one on write
+    # The KSM pages all three share, without a loop over pages.
+    shared = np.intersect1d(np.intersect1d(ksm[0], ksm[1]), ksm[2])
+    assert len(shared) == LAYOUT["duplicate_contents"]
+    # The copies are the caller's own.
+    ksm[1][:] = 0
+    assert maps[1].page_pfns(PageState.KSM)[0].all()
+
+
+def test_live_files_stay_open_while_held(tmp_path):
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/kpagecount").write_bytes(bytes(range(64)))
+    files = RootFiles(tmp_path)
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = fds()
+    assert files.pread("proc/kpagecount", 8, 8) == bytes(range(8, 16))
+    assert fds() == before  # opened and closed
+    with files.held_open():
+        assert files.pread("proc/kpagecount", 0, 4) == bytes(range(4))
+        with files.held_open():  # re-entrant: the same fd
+            assert files.pread("proc/kpagecount", 60, 8) == bytes(range(60, 64))
+        assert fds() == before + 1
+    assert fds() == before
+    assert files.pread("proc/kpagecount", 16, 2) == bytes([16, 17])
 
 
 def test_vanished_process_tree(tmp_path):
