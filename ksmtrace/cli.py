@@ -26,13 +26,14 @@ examples:
   ksmtrace stat --sysfs-only 5         KSM counters every 5 s, no root needed
   sudo ksmtrace trace --stage merging     one line per merge, with its process
   sudo ksmtrace record -o ksm.rec 0.5     record; then `ksmtrace report ksm.rec`
+  sudo ksmtrace share                  which VMs and containers share KSM pages
   sudo ksmtrace workload -n 4 -p 2000 -d 50 --cow-fraction 0.1
 
 Run `ksmtrace COMMAND --help` for each command's options and examples."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ksmtrace import doctor, export, report, stat, top, trace, workload
+    from ksmtrace import doctor, export, report, share, stat, top, trace, workload
 
     p = argtypes.Parser(
         prog="ksmtrace",
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     stat.add_parser(sub)
     trace.add_parser(sub)
     report.add_parser(sub)
+    share.add_parser(sub)
     export.add_parser(sub)
     workload.add_cli(sub)
     return p

@@ -169,6 +169,17 @@ def read_ksm_vmstat(root: str | os.PathLike = "/") -> KsmVmstat:
     return KsmVmstat(cow_ksm=v.get("cow_ksm"), ksm_swpin_copy=v.get("ksm_swpin_copy"))
 
 
+def read_mem_available(root: str | os.PathLike = "/") -> int | None:
+    """MemAvailable of /proc/meminfo in bytes; None where it is missing."""
+    text = _read_text(_proc(root) / "meminfo") or ""
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            parts = line.split()
+            if len(parts) >= 2 and parts[1].isdigit():
+                return int(parts[1]) * 1024
+    return None
+
+
 def read_smaps_rollup_ksm_bytes(pid: int, root: str | os.PathLike = "/") -> int | None:
     """The `KSM:` line of smaps_rollup (~6.7+), in bytes: resident KSM pages of
     this process (the shared zero page not included). None if the process is

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from ksmtrace.kernel import identity, procfs, sysfs
 from ksmtrace.model import CounterSample, ProcessSample, Tick
@@ -88,6 +90,52 @@ def read_page_maps(pids, root: str | os.PathLike = "/") -> dict:
         except OSError as e:  # vanished between reads of its files
             out[pid] = f"process {pid}: {e.strerror or e}"
     return out
+
+
+@dataclass(frozen=True)
+class SharingSample:
+    """What the sharing map is built from: every KSM process, the KSM frame
+    of each of its KSM pages (sharing.ksm_pfns; the rest of its page map is
+    not kept), why a process could not be read, and the host's figures to
+    compare with."""
+
+    processes: tuple[ProcessSample, ...]
+    pfns: dict[int, Any]  # pid -> numpy array of frames
+    unread: dict[int, str]  # pid -> why its map was not read
+    ksm: sysfs.KsmSysfs
+    mem_available: int | None  # bytes, /proc/meminfo
+    inferred: bool  # KSM pages inferred: this kernel's KPF_KSM is wrong
+    seconds: float  # how long the reading took
+
+
+def sample_sharing(root: str | os.PathLike = "/",
+                   progress: Callable[[int, int], None] | None = None) -> SharingSample:
+    """Read every KSM process's page map, one after the other, keeping only
+    its KSM frames. `progress(done, total)` after each (root needed: NotRoot
+    otherwise, from the first map)."""
+    from ksmtrace.errors import NoProcess
+    from ksmtrace.kernel import pagemap
+    from ksmtrace.sharing import ksm_pfns
+
+    t0 = time.monotonic()
+    procs = sample(root).processes
+    pfns: dict[int, Any] = {}
+    unread: dict[int, str] = {}
+    inferred = False
+    for i, p in enumerate(procs):
+        try:
+            m = pagemap.read_page_map(p.pid, root=root)
+        except NoProcess as e:
+            unread[p.pid] = e.message  # exited meanwhile: expected
+        except OSError as e:
+            unread[p.pid] = f"process {p.pid}: {e.strerror or e}"
+        else:
+            pfns[p.pid] = ksm_pfns(m)
+            inferred |= m.ksm_inferred
+        if progress is not None:
+            progress(i + 1, len(procs))
+    return SharingSample(procs, pfns, unread, sysfs.read_sysfs(root),
+                         procfs.read_mem_available(root), inferred, time.monotonic() - t0)
 
 
 SYSFS_ONLY_NOTES = (

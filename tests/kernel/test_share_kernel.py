@@ -1,0 +1,131 @@
+"""Kernel tier: the sharing map on real merged pages of processes placed in
+real cgroup v2 directories named as libvirt, Docker and systemd name theirs.
+
+Four workload processes with the same contents merge into the same KSM
+frames. Two go into a libvirt-style VM scope, one into a Docker scope, one
+into a systemd service: `ksmtrace share` must name each workload, count
+each one's KSM pages as its processes' ksm_stat does, account for every
+page of pages_shared + pages_sharing, keep the matrix symmetric, and move
+written pages out of the shared figure exactly as cow_ksm grows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ksmtrace.kernel import procfs, sysfs
+from ksmtrace.share import summarise
+from ksmtrace.sources.counters import sample_sharing
+from ksmtrace.workload import Workload, WorkloadSpec
+
+pytestmark = [pytest.mark.kernel, pytest.mark.timeout(300)]
+
+TOP = "ksmtrace-test-share"  # every cgroup this test makes is below it
+DOCKER_ID = "5c0ffee" + "0123456789abcdef" * 3 + "012345678"  # 64 hex
+PLACES = {  # cgroup below TOP -> the label `share` must give
+    "machine.slice/machine-qemu\\x2d7\\x2dguest\\x2dweb.scope": "vm:guest-web",
+    f"system.slice/docker-{DOCKER_ID}.scope": f"ctr:{DOCKER_ID[:12]}",
+    "system.slice/ksmtrace\\x2dshare.service": "svc:ksmtrace-share",
+}
+
+
+def cgroup2_root() -> Path | None:
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        if right.split(" ", 1)[0] == "cgroup2":
+            return Path(left.split(" ")[4])
+    return None
+
+
+@contextmanager
+def cgroups() -> Iterator[dict[str, Path]]:
+    """The test's cgroup directories; on exit every process in them goes
+    back to the root cgroup and every directory is removed."""
+    root = cgroup2_root()
+    if root is None:
+        pytest.skip("no cgroup v2 hierarchy mounted")
+    made: list[Path] = []
+    try:
+        dirs = {}
+        for rel in PLACES:
+            d = root / TOP / rel
+            for p in reversed([d, *d.parents]):
+                if p.is_relative_to(root / TOP) and not p.exists():
+                    p.mkdir()
+                    made.append(p)
+            dirs[rel] = d
+        yield dirs
+    finally:
+        for d in reversed(made):
+            for pid in (d / "cgroup.procs").read_text().split():
+                try:
+                    (root / "cgroup.procs").write_text(pid)
+                except OSError:
+                    pass  # exited meanwhile
+            d.rmdir()
+
+
+def place(d: Path, pid: int) -> None:
+    (d / "cgroup.procs").write_text(str(pid))
+
+
+@pytest.mark.usefixtures("quiet_ksm")
+def test_share_names_workloads_and_accounts_for_every_ksm_page():
+    # 600 pages of 60 contents per process: 40 mappings a frame, below
+    # max_page_sharing (256), so each content is one frame for all four
+    spec = WorkloadSpec(processes=4, pages=600, distinct=60)
+    with cgroups() as dirs, Workload(spec, drive_ksmd=True) as w:
+        a, b, c, d = w.pids
+        rels = list(PLACES)
+        place(dirs[rels[0]], a)
+        place(dirs[rels[0]], b)
+        place(dirs[rels[1]], c)
+        place(dirs[rels[2]], d)
+        w.wait_merged()
+        k = sysfs.read_sysfs()
+        r = summarise(sample_sharing(), "workload")
+        assert not r["unread"]
+        groups = {g["group"]: g for g in r["groups"]}
+        assert set(groups) == set(PLACES.values())
+        vm = groups["vm:guest-web"]
+        assert sorted(vm["processes"]) == sorted([a, b])
+        stat = {pid: procfs.read_ksm_stat(pid).ksm_merging_pages for pid in w.pids}
+        assert all(n == 600 for n in stat.values()), stat
+        for g in r["groups"]:
+            # the page map agrees with KSM's own count, workload by workload
+            assert g["ksm_pages"] == g["ksm_merging_pages"] == \
+                sum(stat[p] for p in g["processes"]), g
+            assert g["shared"] == g["ksm_pages"] and g["alone"] == 0
+        # every page KSM counts is in the map, and nothing else
+        assert r["ksm_pages_mapped"] == k.pages_shared + k.pages_sharing == 2400
+        assert r["frames"] == k.pages_shared == 60
+        grid = np.array(r["matrix"]["frames"])
+        assert (grid == grid.T).all()
+        names = r["matrix"]["groups"]
+        i = {n: names.index(n) for n in names}
+        # every frame is in every workload; the VM maps each one 20 times
+        assert grid[i["vm:guest-web"], i["vm:guest-web"]] == 1200 - 60
+        off = grid[~np.eye(len(names), dtype=bool)]
+        assert (off == 60).all()
+        assert [f["what"] for f in r["findings"]][:1] == ["cross-tenant sharing"]
+
+        # the container writes 30 of its pages: they leave the shared figure
+        # exactly as cow_ksm grows
+        cow0 = procfs.read_ksm_vmstat().cow_ksm
+        written = w.cow(0.05, pids=[c])
+        assert written == {c: 30}
+        w.wait_expected()  # ksmd's next pass takes them out of ksm_stat
+        r2 = summarise(sample_sharing(), "workload")
+        g2 = {g["group"]: g for g in r2["groups"]}
+        ctr = PLACES[rels[1]]
+        assert procfs.read_ksm_vmstat().cow_ksm - cow0 == 30
+        assert g2[ctr]["shared"] == groups[ctr]["shared"] - 30
+        assert g2[ctr]["ksm_pages"] == procfs.read_ksm_stat(c).ksm_merging_pages == 570
+        grid2 = np.array(r2["matrix"]["frames"])
+        assert (grid2 == grid2.T).all()
+    assert not (cgroup2_root() / TOP).exists()
