@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 
 import pytest
 
@@ -44,3 +45,18 @@ def count_programs():
     """`count_programs()`: lines of `bpftool prog show`, to see that every
     program ksmtrace loaded is gone again."""
     return _count_programs
+
+
+@pytest.fixture
+def programs_back_to():
+    """`programs_back_to(n)`: whether `bpftool prog show` is back to `n`
+    lines within 10 s. The kernel frees a closed program after an RCU grace
+    period, not at close (0.2 s on the 6.18 host), so a count taken at once
+    can still show detached programs."""
+    def wait(n: int) -> bool:
+        for _ in range(100):
+            if _count_programs() == n:
+                return True
+            time.sleep(0.1)
+        return _count_programs() == n
+    return wait

@@ -416,7 +416,8 @@ def conditions(prom: Prometheus, excuse=lambda metric: None) -> dict[str, set[fl
 
 @pytest.mark.kernel
 def test_real_prometheus_scrapes_the_exporter_during_a_workload(facts, quiet_ksm, tmp_path,
-                                                             count_programs):
+                                                             count_programs,
+                                                             programs_back_to):
     programs_before = count_programs()
     with exporter("--interval", "0.5", "--top", "2", "--bpf-stats") as (port, proc):
         base = sysfs.read_sysfs()  # ksmd stopped: stable since the exporter attached
@@ -558,11 +559,7 @@ def test_real_prometheus_scrapes_the_exporter_during_a_workload(facts, quiet_ksm
         err = proc.stderr.read()
         assert proc.returncode == 128 + signal.SIGTERM, err
         assert "Traceback" not in err
-    for _ in range(100):  # probes detached: the kernel frees programs once closed
-        if count_programs() == programs_before:
-            break
-        time.sleep(0.1)
-    assert count_programs() == programs_before
+    assert programs_back_to(programs_before)  # probes detached
 
 
 @pytest.mark.kernel
@@ -570,7 +567,8 @@ def test_real_prometheus_scrapes_the_exporter_during_a_workload(facts, quiet_ksm
 @pytest.mark.traced
 @pytest.mark.fn_probes
 def test_function_probe_panels_return_data_from_a_real_prometheus(facts, quiet_ksm, tmp_path,
-                                                                 count_programs):
+                                                                 count_programs,
+                                                                 programs_back_to):
     """Where fentry or kprobe work (the tests/vm/ guests' fentry and kprobe
     passes; the host has neither), the panels the host cannot fill are held
     to data: merge latency, COW-break latency, unshares. A workload merges,
@@ -696,11 +694,7 @@ def test_function_probe_panels_return_data_from_a_real_prometheus(facts, quiet_k
         err = proc.stderr.read()
         assert proc.returncode == 128 + signal.SIGTERM, err
         assert "Traceback" not in err
-    for _ in range(100):
-        if count_programs() == programs_before:
-            break
-        time.sleep(0.1)
-    assert count_programs() == programs_before
+    assert programs_back_to(programs_before)
 
 
 @pytest.mark.kernel
