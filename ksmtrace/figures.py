@@ -308,6 +308,26 @@ WORKLOAD: tuple[Figure, ...] = (
          "(estimated=\"true\": the exact cow_ksm count split by write-protect faults)"),
 )
 
+# The sharing map (ksmtrace/sharing.py), read on its own slower interval.
+SHARING: tuple[Figure, ...] = (
+    Figure("sharing_bytes", "counting", "gauge", "bytes",
+           "KSM page frames two workloads both map, in bytes (labels a, b: workloads; the "
+           "top pairs only)", "procfs", methods=()),
+    Figure("sharing_cross_tenant_frames", "counting", "gauge", "frames",
+           "KSM page frames mapped by two different VMs or containers (the precondition of "
+           "KSM side channels)", "procfs", methods=()),
+    Figure("sharing_exposure_bytes", "counting", "gauge", "bytes",
+           "Memory the host would need if the five workloads with the most KSM pages wrote "
+           "them all", "procfs", methods=()),
+    Figure("sharing_mem_available_bytes", "counting", "gauge", "bytes",
+           "MemAvailable (/proc/meminfo) when the sharing map was read", "procfs", methods=()),
+    Figure("sharing_read_seconds", "self", "gauge", "seconds",
+           "Time the last sharing map took to read (every KSM process's page map)", "procfs",
+           methods=()),
+    Figure("sharing_timestamp_seconds", "self", "gauge", "seconds",
+           "Unix time the last sharing map was read", "procfs", methods=()),
+)
+
 # Kernel counters the collector turns into totals since start and rates, in
 # the order it adds them.
 RATES = ("pages_scanned", "pages_skipped", "full_scans", "merged_pages", "ksm_zero_pages",
@@ -315,9 +335,10 @@ RATES = ("pages_scanned", "pages_skipped", "full_scans", "merged_pages", "ksm_ze
 
 FIGURES: dict[str, Figure] = {
     f.name: f for f in (*COUNTERS, *HISTOGRAMS, *AGGREGATES, *SYSFS, *PROCESS, *WORKLOAD,
-                        *DERIVED)}
+                        *SHARING, *DERIVED)}
 assert len(FIGURES) == len(COUNTERS) + len(HISTOGRAMS) + len(AGGREGATES) + len(SYSFS) \
-    + len(PROCESS) + len(WORKLOAD) + len(DERIVED), "a figure name is declared twice"
+    + len(PROCESS) + len(WORKLOAD) + len(SHARING) + len(DERIVED), \
+    "a figure name is declared twice"
 assert all(n in FIGURES for n in RATES)
 
 COUNTER_SLOTS = tuple(f.name for f in COUNTERS)  # enum ksm_counter order

@@ -106,6 +106,7 @@ def summarise(s: SharingSample, by: str = "workload", top: int = 10) -> dict[str
         "ksm_pages_mapped": mapped,
         "sysfs_merged_pages": merged,  # pages_shared + pages_sharing
         "ksm_inferred": s.inferred,
+        "mem_available": s.mem_available,
         "seconds": round(s.seconds, 3),
         "groups": [groups[g] for g in order],
         "matrix": {"groups": [labels[g] for g in order],

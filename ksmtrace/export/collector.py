@@ -28,6 +28,12 @@ class SnapshotCollector:
         self._snapshot: Snapshot | None = None
         self._cycles = 0
         self._last_cycle: float | None = None
+        self._sharing: tuple[Metric, ...] = ()  # the newest sharing map's, from its thread
+
+    def set_sharing(self, fams: list[Metric]) -> None:
+        """The sharing map's families, served from the next snapshot on (one
+        assignment: the sharing thread never waits for the tick loop)."""
+        self._sharing = tuple(fams)
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -40,7 +46,8 @@ class SnapshotCollector:
         each format first, so that a snapshot built from a bad recording
         raises here (and the previous one stays) rather than in every scrape."""
         t0 = time.perf_counter() if started is None else started
-        fams = tuple(families(snap, self.top, self._last_cycle, self._cycles + 1))
+        fams = tuple(families(snap, self.top, self._last_cycle, self._cycles + 1)) \
+            + self._sharing
         if check:
             if plain(fams):
                 text(fams), openmetrics(fams)

@@ -11,7 +11,9 @@ when the command runs: the rest of the CLI works without them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 import time
 
 from ksmtrace import argtypes, session
@@ -73,6 +75,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="close a connection after S seconds without traffic (default "
                    f"{DEFAULT_IDLE_TIMEOUT:g}; keep it above Prometheus's scrape interval "
                    "so its connection is reused)")
+    p.add_argument("--sharing-interval", type=argtypes.duration, default=60.0, metavar="S",
+                   help="seconds between readings of the sharing map (every KSM process's "
+                   "page map: who shares with whom; root, live only; default 60, 0: never)")
     p.add_argument("--replay", metavar="FILE",
                    help="serve the snapshots of a recording (at its pace), then its last one")
     p.add_argument("--speed", type=argtypes.factor, default=1.0, help=argparse.SUPPRESS)
@@ -120,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from ksmtrace.export.server import MetricsServer
 
     host, port, top = _validate(args)
+    sharing: SharingThread | None = None
     registry, exporter = make_registry(top)
     # bind before attaching anything: a busy port fails fast and cleanly
     server = MetricsServer(registry, host, port, exporter, max_connections=args.max_connections,
@@ -134,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
         with src:
             session.enforce_strict(args, src.probes)
             col = Collector.for_source(src)
+            if not args.replay and args.sharing_interval and os.geteuid() == 0:
+                sharing = SharingThread(exporter, args.sharing_interval, top)
+                sharing.start()
             server.start()
             print(f"ksmtrace export: serving http://{server.address}/metrics "
                   f"(source: {src.kind}, every {args.interval:g} s, top {top}); "
@@ -149,8 +158,41 @@ def run(args: argparse.Namespace) -> int:
                 while True:
                     time.sleep(3600)
     finally:
+        if sharing is not None:
+            sharing.stop()
         server.close()
     return 0
+
+
+class SharingThread(threading.Thread):
+    """Reads the sharing map now, then every `interval` seconds, off the tick
+    loop and the scrapes: its families reach scrapes with the next snapshot.
+    Page maps are only read (no knob, no probe), so stopping needs no
+    unwinding: `stop()` ends it after the map being read, if any."""
+
+    def __init__(self, exporter, interval: float, top: int):
+        super().__init__(name="ksmtrace-sharing", daemon=True)
+        self.exporter, self.interval, self.top = exporter, interval, top
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        from ksmtrace.export.metrics import sharing_families
+        from ksmtrace.share import summarise
+        from ksmtrace.sources.counters import sample_sharing
+
+        while not self._stop.is_set():
+            try:
+                r = summarise(sample_sharing(), "workload")
+            except (KsmtraceError, OSError) as e:
+                why = e.message if isinstance(e, KsmtraceError) else str(e)
+                print(f"ksmtrace export: the sharing map is not available: {why}",
+                      file=sys.stderr, flush=True)
+                return
+            self.exporter.set_sharing(sharing_families(r, self.top, time.time()))
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def _replay(src, col, exporter, path: str) -> bool:

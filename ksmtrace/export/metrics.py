@@ -339,6 +339,29 @@ def _self(snap: Snapshot, cycle_seconds: float | None, cycles: int) -> Iterable[
         yield rc
 
 
+def sharing_families(r: dict, top: int, wall: float) -> list[Metric]:
+    """Families of one sharing map (`share.summarise(..., "workload")`): the
+    top N pairs by frames in common, cross-tenant frames, the exposure of the
+    top workloads and MemAvailable to compare it with, and the read's cost."""
+    def gauge(name: str, value: float, labels: list[str] | None = None):
+        return GaugeMetricFamily(_name(name), FIGURES[name].help, value=value, labels=labels)
+
+    pairs = GaugeMetricFamily(_name("sharing_bytes"), FIGURES["sharing_bytes"].help,
+                              labels=["a", "b"])
+    for p in r["pairs"][:top]:
+        pairs.add_metric([p["a"], p["b"]], p["bytes"])
+    out = [pairs]
+    by = {f["what"]: f for f in r["findings"]}
+    cross = by.get("cross-tenant sharing", {}).get("frames", 0)
+    out.append(gauge("sharing_cross_tenant_frames", cross))
+    out.append(gauge("sharing_exposure_bytes", by.get("exposure", {}).get("bytes", 0)))
+    if r["mem_available"] is not None:
+        out.append(gauge("sharing_mem_available_bytes", r["mem_available"]))
+    out.append(gauge("sharing_read_seconds", r["seconds"]))
+    out.append(gauge("sharing_timestamp_seconds", wall))
+    return out
+
+
 def families(snap: Snapshot, top: int = DEFAULT_TOP, cycle_seconds: float | None = None,
              cycles: int = 0) -> list[Metric]:
     """Every metric family for one snapshot. Event families only when the

@@ -204,7 +204,8 @@ def rule_exprs() -> dict[str, str]:
 def test_rules_are_read_like_promtool_reads_them():
     rules = rule_exprs()
     assert set(rules) == {"KsmCowBreakStorm", "KsmNegativeProfit", "KsmtraceProbesMissing",
-                          "KsmtraceEventsLost", "KsmEnabledNothingMerging"}
+                          "KsmtraceEventsLost", "KsmEnabledNothingMerging",
+                          "KsmCrossTenantSharing", "KsmCowStormExposure"}
     assert rules["KsmNegativeProfit"] == "ksmtrace_ksm_general_profit_bytes < 0"
     assert rules["KsmEnabledNothingMerging"].count(" and ") == 2
 

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_export_kernel import exporter, prometheus, wait_for
 
 from ksmtrace.kernel import procfs, sysfs
+from ksmtrace.kernel.pagemap import PAGE_SIZE
 from ksmtrace.share import summarise
 from ksmtrace.sources.counters import sample_sharing
 from ksmtrace.workload import Workload, WorkloadSpec
@@ -75,7 +77,7 @@ def place(d: Path, pid: int) -> None:
 
 
 @pytest.mark.usefixtures("quiet_ksm")
-def test_share_names_workloads_and_accounts_for_every_ksm_page():
+def test_share_names_workloads_and_accounts_for_every_ksm_page(tmp_path):
     # 600 pages of 60 contents per process: 40 mappings a frame, below
     # max_page_sharing (256), so each content is one frame for all four
     spec = WorkloadSpec(processes=4, pages=600, distinct=60)
@@ -113,6 +115,20 @@ def test_share_names_workloads_and_accounts_for_every_ksm_page():
         off = grid[~np.eye(len(names), dtype=bool)]
         assert (off == 60).all()
         assert [f["what"] for f in r["findings"]][:1] == ["cross-tenant sharing"]
+
+        # the exporter serves the same map to a real Prometheus, on its own interval
+        with exporter("--sysfs-only", "--interval", "0.5", "--sharing-interval", "1") \
+                as (port, _), prometheus(tmp_path, f"127.0.0.1:{port}") as prom:
+            vm, ctr = PLACES[rels[0]], PLACES[rels[1]]
+            sel = f'ksmtrace_sharing_bytes{{a="{vm}",b="{ctr}"}}'
+            wait_for("the sharing map in Prometheus", lambda: prom.query(sel), 60)
+            assert prom.value(sel) == 60 * PAGE_SIZE
+            # only the VM and the container are tenants: their 60 frames
+            assert prom.value("ksmtrace_sharing_cross_tenant_frames") == 60
+            assert prom.value("ksmtrace_sharing_read_seconds") > 0
+            # the exposure finding, as the command computes it
+            exposure = next(f for f in r["findings"] if f["what"] == "exposure")
+            assert prom.value("ksmtrace_sharing_exposure_bytes") == exposure["bytes"]
 
         # the container writes 30 of its pages: they leave the shared figure
         # exactly as cow_ksm grows

@@ -339,7 +339,7 @@ def test_promtool_check_metrics_accepts_a_scrape(snaps):
 def test_promtool_checks_and_unit_tests_the_rules():
     r = subprocess.run([PROMTOOL, "check", "rules", "ksmtrace-alerts.yml"], cwd=DASHBOARDS,
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "SUCCESS: 5 rules found" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "SUCCESS: 7 rules found" in r.stdout, r.stdout + r.stderr
     r = subprocess.run([PROMTOOL, "test", "rules", "ksmtrace-alerts.test.yml"], cwd=DASHBOARDS,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr

@@ -10,8 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ksmtrace.collector import Collector
+from ksmtrace.export.collector import make_registry, scrape
+from ksmtrace.export.metrics import sharing_families
 from ksmtrace.kernel.pagemap import PAGE_SIZE, read_page_map
+from ksmtrace.share import format_share, summarise
 from ksmtrace.sharing import build, ksm_pfns
+from ksmtrace.sources.counters import sample_sharing
+from ksmtrace.sources.replay import ReplaySource
 
 HOST = Path(__file__).resolve().parent.parent / "fixtures" / "host-6.18"
 MANIFEST = json.loads((HOST / "MANIFEST.json").read_text())
@@ -66,9 +72,6 @@ def test_no_ksm_pages():
 
 
 def test_share_summary_of_the_recorded_host():
-    from ksmtrace.share import format_share, summarise
-    from ksmtrace.sources.counters import sample_sharing
-
     s = sample_sharing(HOST)
     r = summarise(s, "process")
     # the fixture kept the page maps of the three duplicate processes only
@@ -82,3 +85,24 @@ def test_share_summary_of_the_recorded_host():
     text = format_share(r)
     assert "frames in common" in text and "IF WRITTEN" in text
     assert json.loads(json.dumps(r)) == r
+
+
+def test_sharing_families_of_the_recorded_host():
+    r = summarise(sample_sharing(HOST), "workload")
+    fams = sharing_families(r, top=2, wall=1.5e9)
+    reg, col = make_registry()
+    col.set_sharing(fams)
+    rec = HOST.parent / "recordings" / "host-6.18-workload.ksmrec"
+    with ReplaySource(rec, warn=None) as src:
+        c = Collector.for_source(src)
+        col.publish(c.add_tick(next(iter(src.ticks()))))
+    # the top 2 of the 3 pairs, each 4 frames in common
+    assert [(p["a"], p["b"]) for p in r["pairs"]][:2] == \
+        [(s.labels["a"], s.labels["b"]) for s in fams[0].samples]
+    assert [s.value for s in fams[0].samples] == [CONTENTS * PAGE_SIZE] * 2
+    get = reg.get_sample_value
+    assert get("ksmtrace_sharing_cross_tenant_frames") == 0  # processes, not tenants
+    assert get("ksmtrace_sharing_exposure_bytes") == r["findings"][-1]["bytes"]
+    assert get("ksmtrace_sharing_mem_available_bytes") == r["mem_available"]
+    assert get("ksmtrace_sharing_timestamp_seconds") == 1.5e9
+    assert b"ksmtrace_sharing_bytes{" in scrape(reg)
