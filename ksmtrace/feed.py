@@ -14,6 +14,7 @@ import time
 from collections import deque
 
 from ksmtrace.collector import Collector
+from ksmtrace.errors import KsmtraceError
 from ksmtrace.model import Snapshot
 
 HISTORY = 120  # snapshots kept for sparklines
@@ -78,6 +79,13 @@ class LiveFeed:
 
     def describe(self) -> str:
         return self.kind
+
+    def sharing(self, progress=None, cancel=None):
+        """The sharing map's input, read now (slow: every KSM process's page
+        map; call it off the UI thread). See sources.counters.sample_sharing."""
+        from ksmtrace.sources.counters import sample_sharing
+
+        return sample_sharing(progress=progress, cancel=cancel)
 
 
 class ReplayFeed:
@@ -192,6 +200,10 @@ class ReplayFeed:
         with self._lock:
             return self.snapshots[max(0, self.position + 1 - min(n, self._history)):
                                   self.position + 1]
+
+    def sharing(self, progress=None, cancel=None):
+        raise KsmtraceError("recordings hold no page maps, so no sharing map",
+                            "run `ksmtrace top` live, as root, to see who shares with whom")
 
     def describe(self) -> str:
         n = len(self.snapshots)

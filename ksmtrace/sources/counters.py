@@ -108,11 +108,17 @@ class SharingSample:
     seconds: float  # how long the reading took
 
 
+class SharingCancelled(Exception):
+    """`cancel` was set while the sharing map was being read."""
+
+
 def sample_sharing(root: str | os.PathLike = "/",
-                   progress: Callable[[int, int], None] | None = None) -> SharingSample:
+                   progress: Callable[[int, int], None] | None = None,
+                   cancel: Any = None) -> SharingSample:
     """Read every KSM process's page map, one after the other, keeping only
-    its KSM frames. `progress(done, total)` after each (root needed: NotRoot
-    otherwise, from the first map)."""
+    its KSM frames. `progress(done, total)` after each; `cancel` (an
+    Event) is checked between maps (SharingCancelled). Root needed: NotRoot
+    otherwise, from the first map."""
     from ksmtrace.errors import NoProcess
     from ksmtrace.kernel import pagemap
     from ksmtrace.sharing import ksm_pfns
@@ -123,6 +129,8 @@ def sample_sharing(root: str | os.PathLike = "/",
     unread: dict[int, str] = {}
     inferred = False
     for i, p in enumerate(procs):
+        if cancel is not None and cancel.is_set():
+            raise SharingCancelled
         try:
             m = pagemap.read_page_map(p.pid, root=root)
         except NoProcess as e:

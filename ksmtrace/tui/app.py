@@ -31,6 +31,7 @@ from ksmtrace.tui.screens import (
     SnapshotScreen,
     WhyScreen,
 )
+from ksmtrace.tui.sharing import SharingScreen
 from ksmtrace.tui.widgets import ProcessTable, StagePanel, StatusLine, WhyLine
 
 REFRESH = 0.25  # seconds between checks for a new snapshot
@@ -46,6 +47,7 @@ class MainScreen(Screen):
         Binding("escape", "clear_filter", "clear filter", show=False),
         Binding("w", "why", "why?"),
         Binding("e", "events", "events"),
+        Binding("x", "sharing", "sharing"),
         Binding("h", "details", "histograms", show=False),  # listed in help (80 columns)
         Binding("k", "knobs", "knobs"),
         Binding("question_mark,f1", "help", "help"),
@@ -203,6 +205,10 @@ class MainScreen(Screen):
 
     def action_events(self) -> None:
         self.app.push_screen(EventLogScreen())
+
+    def action_sharing(self) -> None:
+        """Who shares KSM pages with whom (reads every KSM process's page map)."""
+        self.app.push_screen(SharingScreen())
 
     def action_details(self) -> None:
         self.app.push_screen(DetailsScreen())

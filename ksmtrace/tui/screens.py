@@ -391,6 +391,7 @@ HELP_KEYS = (
     ("/", "filter by pid, comm, workload or cgroup (Esc clears)"),
     ("w", "why isn't it merging? (every finding)"),
     ("e", "event log (space pauses it)"),
+    ("x", "sharing: who shares KSM pages with whom (live, root)"),
     ("h", "histograms, merge failures by errno, ksmtrace's own BPF cost"),
     ("k", "KSM knobs (root, live only)"),
     ("? / F1", "this help"),

@@ -162,6 +162,19 @@ def test_top_demo_in_tmux_agrees_with_sysfs_and_leaves_nothing_behind(quiet_ksm,
         assert checked >= 3, f"no stable moment to compare with sysfs; last screen:\n{screen}"
         for s in STAGES:  # every stage's numbers moved while the demo ran
             assert len(seen[s]) >= 2, f"{s} never changed: {seen[s]}"
+        # the sharing screen, read off the UI thread: the demo's four processes
+        # map the same KSM frames, drawn as the same letters side by side
+        subprocess.run(["tmux", "send-keys", "-t", name, "x"], check=True)
+        for _ in range(300):
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", name],
+                                    capture_output=True, text=True, check=True).stdout
+            if "KSM pages mapped" in screen and "frames in common" in screen:
+                break
+            time.sleep(0.1)
+        assert "4 KSM processes" in screen, screen
+        maps = [ln for ln in screen.splitlines() if ln.count("│") >= 3]
+        assert any(re.search(r"│[A-Za-z0-9·]{8}", ln) for ln in maps), screen
+        subprocess.run(["tmux", "send-keys", "-t", name, "Escape"], check=True)
         subprocess.run(["tmux", "send-keys", "-t", name, quit_key], check=True)
         for _ in range(300):
             if rc_file.exists() and rc_file.read_text().strip():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("textual")
@@ -21,6 +22,7 @@ from ksmtrace.diagnose import diagnose  # noqa: E402
 from ksmtrace.feed import ReplayFeed  # noqa: E402
 from ksmtrace.grouping import group_rows, workload_of  # noqa: E402
 from ksmtrace.kernel.identity import Workload  # noqa: E402
+from ksmtrace.sources.counters import sample_sharing  # noqa: E402
 from ksmtrace.sources.replay import ReplaySource  # noqa: E402
 from ksmtrace.tui import format as fmt  # noqa: E402
 from ksmtrace.tui.app import KsmtraceApp, MainScreen  # noqa: E402
@@ -32,6 +34,7 @@ from ksmtrace.tui.screens import (  # noqa: E402
     PageMapScreen,
     WhyScreen,
 )
+from ksmtrace.tui.sharing import SharingScreen, glyph_of_frames  # noqa: E402
 from ksmtrace.tui.widgets import ProcessTable, StagePanel  # noqa: E402
 
 RECORDING = Path(__file__).parent.parent / "fixtures" / "recordings" / "host-6.18-workload.ksmrec"
@@ -401,3 +404,61 @@ def test_top_usage_errors_exit_2_without_a_traceback(argv, words):
     assert p.returncode == 2, p.stderr
     assert words in p.stderr and ("how to fix" in p.stderr or "--help" in p.stderr)
     assert "Traceback" not in p.stderr and p.stderr.startswith("ksmtrace: ")
+
+
+# ------------------------------------------------------------------ sharing
+PAGEMAP_HOST = Path(__file__).parent.parent / "fixtures" / "host-6.18"
+
+
+def sharing_app() -> KsmtraceApp:
+    """The app with a feed whose sharing map comes from page maps recorded on
+    the host (three processes mapping the same four KSM frames)."""
+    app = app_on()
+    app.feed.sharing = lambda progress=None, cancel=None: dataclasses.replace(
+        sample_sharing(PAGEMAP_HOST, progress, cancel), seconds=0.0)  # a stable snapshot
+    return app
+
+
+async def open_sharing(pilot) -> None:
+    await pilot.press("x")
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
+
+
+async def test_sharing_screen_draws_each_frame_as_one_letter_everywhere():
+    app = sharing_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await open_sharing(pilot)
+        screen = app.screen
+        assert isinstance(screen, SharingScreen)
+        assert screen.report["frames"] == 4 and len(screen.chosen) == 3
+        maps = [str(m.render()) for m in screen.query(".sharing-map")]
+        assert len(maps) == 3
+        # each process maps the same four frames: the same four letters
+        letters = [set(m.split("\n", 1)[1]) - {"\n", " "} for m in maps]
+        assert letters[0] == letters[1] == letters[2] == set("ABCD")
+        heat = str(screen.query_one("#heat").render())
+        assert "ksm-dup-0" in heat and "frames in common" in heat
+        await pilot.press("1")  # drop the first workload from the side-by-side maps
+        await pilot.pause()
+        assert len(screen.chosen) == 2 and len(screen.query(".sharing-map")) == 2
+        await pilot.press("escape")
+        assert isinstance(app.screen, MainScreen)
+
+
+async def test_sharing_screen_on_a_recording_says_why_there_is_none():
+    app = app_on()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await open_sharing(pilot)
+        text = str(app.screen.query_one("#sharing-progress").render())
+        assert "recordings hold no page maps" in text
+
+
+def test_glyphs_put_frames_shared_by_more_workloads_first():
+    a, b = np.array([7, 7, 9, 5]), np.array([9, 3])
+    g = glyph_of_frames([a, b])
+    assert g[9] == 0 and set(g) == {3, 5, 7, 9}
+
+
+def test_snapshot_sharing(snap_compare):
+    assert snap_compare(sharing_app(), terminal_size=(120, 40), run_before=open_sharing)
