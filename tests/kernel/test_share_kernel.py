@@ -11,6 +11,7 @@ written pages out of the shared figure exactly as cow_ksm grows.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -145,3 +146,71 @@ def test_share_names_workloads_and_accounts_for_every_ksm_page(tmp_path):
         grid2 = np.array(r2["matrix"]["frames"])
         assert (grid2 == grid2.T).all()
     assert not (cgroup2_root() / TOP).exists()
+
+
+# A parent maps 400 pages of 4 contents, MADV_MERGEABLE, prints its pid; on
+# a line "fork" it forks a child that keeps the mapping (printing its pid);
+# both end when stdin closes.
+FORKER = r"""
+import mmap, os, sys
+ps = mmap.PAGESIZE
+token = sys.argv[1].encode()
+m = mmap.mmap(-1, 400 * ps, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m.madvise(mmap.MADV_NOHUGEPAGE)
+for i in range(400):
+    m[i * ps:(i + 1) * ps] = (token + b"%d:" % (i % 4)).ljust(ps, b".")
+m.madvise(mmap.MADV_MERGEABLE)
+print(os.getpid(), flush=True)
+sys.stdin.readline()
+r, w = os.pipe()
+child = os.fork()
+if child == 0:
+    os.close(w)
+    os.read(r, 1)  # until the parent exits
+    os._exit(0)
+os.close(r)
+print(child, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.usefixtures("quiet_ksm")
+def test_a_forked_child_maps_its_parents_ksm_pages_without_counting_them():
+    """The kernel's fork selftest: a child maps its parent's KSM pages, but
+    ksm_merging_pages counts KSM's rmap items, which stay the parent's. The
+    map counts page table entries, so it shows the child's 400 KSM pages
+    next to its ksm_stat of 0, and the pages mapped exceed pages_shared +
+    pages_sharing by exactly the child's."""
+    import subprocess
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, "-c", FORKER, os.urandom(8).hex()],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        parent = int(p.stdout.readline())
+        with sysfs.KsmKnobs() as k:
+            k.set(pages_to_scan=1000, sleep_millisecs=0, run=1)
+            for _ in range(3000):
+                st = procfs.read_ksm_stat(parent)
+                if st is not None and st.ksm_merging_pages == 400:
+                    break
+                time.sleep(0.01)
+            k.set(run=0)
+            assert procfs.read_ksm_stat(parent).ksm_merging_pages == 400
+            p.stdin.write("fork\n")
+            p.stdin.flush()
+            child = int(p.stdout.readline())
+            r = summarise(sample_sharing(), "process")
+            ks = sysfs.read_sysfs()
+    finally:
+        p.stdin.close()
+        p.wait(timeout=30)
+    rows = {int(g["group"].split()[0]): g for g in r["groups"]}
+    assert rows[parent]["ksm_pages"] == rows[parent]["ksm_merging_pages"] == 400
+    assert rows[child]["ksm_pages"] == 400 and rows[child]["ksm_merging_pages"] == 0
+    assert ks.pages_shared + ks.pages_sharing == 400
+    assert r["ksm_pages_mapped"] == 800 and r["frames"] == 4
+    # parent and child share all four frames
+    assert r["pairs"] == [{"a": r["pairs"][0]["a"], "b": r["pairs"][0]["b"], "frames": 4,
+                           "bytes": 4 * PAGE_SIZE}]
