@@ -186,6 +186,8 @@ def _vm(args: list[str], parts: list[str], pid: int) -> Workload | None:
         return None
     name, vm_id, detail = found
     if argv_vm and cgroup_vm:
+        if name.endswith(f"[{_pid(pid)}]"):  # no name on the command line: the scope's
+            name = cgroup_vm[0]
         vm_id = vm_id or cgroup_vm[1]
         for key, value in cgroup_vm[2].items():
             detail.setdefault(key, value)

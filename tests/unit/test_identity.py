@@ -560,3 +560,13 @@ def test_fuzz_random_bytes_always_give_a_workload():
             )
         )
         _check(identify(argv, _mutate(rng, rng.choice(seeds_cgroup)), _mutate(rng, "comm"), 1))
+
+
+def test_a_qemu_without_a_name_takes_its_libvirt_scopes():
+    # libvirt always passes -name; a QEMU started by hand in such a scope
+    # (tests/kernel/test_share_qemu_kernel.py) is named by the scope
+    scope = "/machine.slice/machine-qemu\\x2d3\\x2dweb3.scope"
+    w = identify(b"qemu-system-x86_64\0-m\x00768\0", scope, "qemu-system-x86", 42)
+    assert (w.kind, w.name) == ("vm", "web3")
+    named = identify(b"qemu-system-x86_64\0-name\0guest=a\0", scope, "qemu-system-x86", 42)
+    assert named.name == "a"  # the command line's name wins
