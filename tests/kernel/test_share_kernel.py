@@ -214,3 +214,25 @@ def test_a_forked_child_maps_its_parents_ksm_pages_without_counting_them():
     # parent and child share all four frames
     assert r["pairs"] == [{"a": r["pairs"][0]["a"], "b": r["pairs"][0]["b"], "frames": 4,
                            "bytes": 4 * PAGE_SIZE}]
+
+
+def test_share_needs_root_and_says_so(as_nobody):
+    import subprocess
+
+    argv, env, cwd = as_nobody
+    r = subprocess.run([*argv, "share"], capture_output=True, text=True, timeout=120,
+                       env=env, cwd=cwd)
+    assert r.returncode == 3, r.stderr
+    assert "share (page maps and /proc/kpageflags) needs root" in r.stderr
+    assert "how to fix:" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.usefixtures("quiet_ksm")
+def test_share_without_a_ksm_process_exits_1_with_a_hint():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "ksmtrace", "share"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and "no process uses KSM" in r.stderr, r.stderr
+    assert "how to fix:" in r.stderr and "Traceback" not in r.stderr
