@@ -175,6 +175,16 @@ def build() -> dict:
           targets((f"topk(10, ksmtrace_workload_profit_bytes{{{I}}})",
                    "{{instance}} {{workload_kind}} {{workload}}"), instant=True), "bytes", w=12,
           options={"orientation": "horizontal", "displayMode": "basic"})
+    L.add("bargauge", "Who shares with whom", "KSM page frames two workloads both map (the "
+          "top pairs; read every --sharing-interval)",
+          targets((f"topk(10, ksmtrace_sharing_bytes{{{I}}})",
+                   "{{instance}} {{a}} <-> {{b}}"), instant=True), "bytes", w=12,
+          options={"orientation": "horizontal", "displayMode": "basic"})
+    L.add("timeseries", "Write-storm exposure", "Memory the top five workloads would need if "
+          "they wrote every KSM page they map, against MemAvailable (KsmCowStormExposure)",
+          targets((f"ksmtrace_sharing_exposure_bytes{{{I}}}", "{{instance}} exposure"),
+                  (f"ksmtrace_sharing_mem_available_bytes{{{I}}}",
+                   "{{instance}} MemAvailable")), "bytes", w=12)
     L.add("bargauge", "Top cgroups: merged pages", "Summed over each cgroup's processes",
           targets((f"topk(10, ksmtrace_cgroup_merging_pages{{{I}}})",
                    "{{instance}} {{cgroup}}"), instant=True), "short", w=12,

@@ -420,7 +420,8 @@ def test_real_prometheus_scrapes_the_exporter_during_a_workload(facts, quiet_ksm
                                                              count_programs,
                                                              programs_back_to):
     programs_before = count_programs()
-    with exporter("--interval", "0.5", "--top", "2", "--bpf-stats") as (port, proc):
+    with exporter("--interval", "0.5", "--top", "2", "--bpf-stats", "--sharing-interval", "2") \
+            as (port, proc):
         base = sysfs.read_sysfs()  # ksmd stopped: stable since the exporter attached
         base_cow = procfs.read_ksm_vmstat().cow_ksm
         scrape0 = http_get(f"http://127.0.0.1:{port}/metrics").decode()
@@ -589,7 +590,8 @@ def test_function_probe_panels_return_data_from_a_real_prometheus(facts, quiet_k
         fn[probe] = c.method
     programs_before = count_programs()
     cow_pre = procfs.read_ksm_vmstat().cow_ksm  # before the exporter attached
-    with exporter("--interval", "0.5", "--top", "2", "--bpf-stats") as (port, proc):
+    with exporter("--interval", "0.5", "--top", "2", "--bpf-stats", "--sharing-interval", "2") \
+            as (port, proc):
         cow_base = procfs.read_ksm_vmstat().cow_ksm  # ksmd stopped, no other KSM user
         with prometheus(tmp_path, f"127.0.0.1:{port}") as prom:
             start = time.time()
