@@ -16,16 +16,17 @@ from typing import Any
 from ksmtrace.kernel import identity, procfs, sysfs
 from ksmtrace.model import CounterSample, ProcessSample, Tick
 
-# (pid, comm, cgroup) -> workload, for the processes of the last sample: a
-# process's cmdline is read once, not every interval. A pid reused by another
-# program changes comm or cgroup, or both, and is read again.
-_identities: dict[tuple[int, str, str], identity.Workload] = {}
+Identities = dict[tuple[int, str, str], identity.Workload]
+# (pid, comm, cgroup) -> workload, for the processes of the tick loop's last
+# sample: a process's cmdline is read once, not every interval. A pid reused
+# by another program changes comm or cgroup, or both, and is read again.
+_identities: Identities = {}
 
 
-def _workloads(procs: list[ProcessSample], root: str | os.PathLike) -> list[ProcessSample]:
-    global _identities
-    known, _identities = _identities, {}
-    out = []
+def _workloads(procs: list[ProcessSample], root: str | os.PathLike,
+               known: Identities) -> tuple[list[ProcessSample], Identities]:
+    """The samples with their workloads, and the cache for the next sample."""
+    out, now = [], {}
     for p in procs:
         key = (p.pid, p.comm, p.cgroup)
         w = known.get(key)
@@ -33,15 +34,19 @@ def _workloads(procs: list[ProcessSample], root: str | os.PathLike) -> list[Proc
             # gone since its ksm_stat was read: named from its cgroup, like the rest
             cmdline = procfs.read_cmdline(p.pid, root) or b""
             w = identity.identify(cmdline, p.cgroup, p.comm, p.pid)
-        _identities[key] = w
+        now[key] = w
         out.append(ProcessSample(p.pid, p.comm, p.cgroup, p.stat, w))
-    return out
+    return out, now
 
 
 def sample(
-    root: str | os.PathLike = "/", pids: list[int] | None = None, all_processes: bool = True
+    root: str | os.PathLike = "/", pids: list[int] | None = None, all_processes: bool = True,
+    own_identities: bool = False,
 ) -> CounterSample:
-    """Read the counters once. `pids` limits the per-process part to those pids."""
+    """Read the counters once. `pids` limits the per-process part to those
+    pids. `own_identities`: read every workload afresh, leaving the tick
+    loop's cache alone (for a reader on another thread)."""
+    global _identities
     mono, wall = time.monotonic(), time.time()
     ksm = sysfs.read_sysfs(root)
     vm = procfs.read_ksm_vmstat(root)
@@ -61,7 +66,11 @@ def sample(
             )
     elif all_processes:
         procs = [ProcessSample(p.pid, p.comm, p.cgroup, p.stat) for p in procfs.ksm_processes(root)]
-    return CounterSample(mono, wall, ksm, vm, tuple(_workloads(procs, root)), _ksmd_cpu(root))
+    if own_identities:
+        procs, _ = _workloads(procs, root, {})
+    else:
+        procs, _identities = _workloads(procs, root, _identities)
+    return CounterSample(mono, wall, ksm, vm, tuple(procs), _ksmd_cpu(root))
 
 
 _ksmd: dict[str, int | None] = {}
@@ -124,7 +133,7 @@ def sample_sharing(root: str | os.PathLike = "/",
     from ksmtrace.sharing import ksm_pfns
 
     t0 = time.monotonic()
-    procs = sample(root).processes
+    procs = sample(root, own_identities=True).processes
     pfns: dict[int, Any] = {}
     unread: dict[int, str] = {}
     inferred = False
