@@ -21,7 +21,7 @@ def test_promtool_accepts_the_scrape_config_and_its_rules():
     r = subprocess.run([PROMTOOL, "check", "config", "prometheus.yml"], cwd=DEPLOY,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 5 rules found" in r.stdout
+    assert "SUCCESS: 7 rules found" in r.stdout
 
 
 def test_daemonset_is_privileged_in_the_host_pid_namespace_with_the_kernel_mounts():
