@@ -1,9 +1,9 @@
 """Kernel tier: the sharing map on real merged pages of processes placed in
 real cgroup v2 directories named as libvirt, Docker and systemd name theirs.
 
-Four workload processes with the same contents merge into the same KSM
+Five workload processes with the same contents merge into the same KSM
 frames. Two go into a libvirt-style VM scope, one into a Docker scope, one
-into a systemd service: `ksmtrace share` must name each workload, count
+into a Kubernetes pod's containerd scope, one into a systemd service: `ksmtrace share` must name each workload, count
 each one's KSM pages as its processes' ksm_stat does, account for every
 page of pages_shared + pages_sharing, keep the matrix symmetric, and move
 written pages out of the shared figure exactly as cow_ksm grows.
@@ -30,10 +30,14 @@ pytestmark = [pytest.mark.kernel, pytest.mark.timeout(300)]
 
 TOP = "ksmtrace-test-share"  # every cgroup this test makes is below it
 DOCKER_ID = "5c0ffee" + "0123456789abcdef" * 3 + "012345678"  # 64 hex
+POD_UID = "0f1e2d3c-4b5a-6978-8695-a4b3c2d1e0f9"
+CRI_ID = "c0de" * 16
 PLACES = {  # cgroup below TOP -> the label `share` must give
     "machine.slice/machine-qemu\\x2d7\\x2dguest\\x2dweb.scope": "vm:guest-web",
     f"system.slice/docker-{DOCKER_ID}.scope": f"ctr:{DOCKER_ID[:12]}",
     "system.slice/ksmtrace\\x2dshare.service": "svc:ksmtrace-share",
+    "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"
+    f"{POD_UID.replace('-', '_')}.slice/cri-containerd-{CRI_ID}.scope": f"ctr:{CRI_ID[:12]}",
 }
 
 
@@ -79,16 +83,17 @@ def place(d: Path, pid: int) -> None:
 
 @pytest.mark.usefixtures("quiet_ksm")
 def test_share_names_workloads_and_accounts_for_every_ksm_page(tmp_path):
-    # 600 pages of 60 contents per process: 40 mappings a frame, below
-    # max_page_sharing (256), so each content is one frame for all four
-    spec = WorkloadSpec(processes=4, pages=600, distinct=60)
+    # 600 pages of 60 contents per process: 50 mappings a frame, below
+    # max_page_sharing (256), so each content is one frame for all five
+    spec = WorkloadSpec(processes=5, pages=600, distinct=60)
     with cgroups() as dirs, Workload(spec, drive_ksmd=True) as w:
-        a, b, c, d = w.pids
+        a, b, c, d, e = w.pids
         rels = list(PLACES)
         place(dirs[rels[0]], a)
         place(dirs[rels[0]], b)
         place(dirs[rels[1]], c)
         place(dirs[rels[2]], d)
+        place(dirs[rels[3]], e)
         w.wait_merged()
         k = sysfs.read_sysfs()
         r = summarise(sample_sharing(), "workload")
@@ -105,7 +110,7 @@ def test_share_names_workloads_and_accounts_for_every_ksm_page(tmp_path):
                 sum(stat[p] for p in g["processes"]), g
             assert g["shared"] == g["ksm_pages"] and g["alone"] == 0
         # every page KSM counts is in the map, and nothing else
-        assert r["ksm_pages_mapped"] == k.pages_shared + k.pages_sharing == 2400
+        assert r["ksm_pages_mapped"] == k.pages_shared + k.pages_sharing == 3000
         assert r["frames"] == k.pages_shared == 60
         grid = np.array(r["matrix"]["frames"])
         assert (grid == grid.T).all()
@@ -115,6 +120,8 @@ def test_share_names_workloads_and_accounts_for_every_ksm_page(tmp_path):
         assert grid[i["vm:guest-web"], i["vm:guest-web"]] == 1200 - 60
         off = grid[~np.eye(len(names), dtype=bool)]
         assert (off == 60).all()
+        pod = groups[PLACES[rels[3]]]
+        assert pod["kind"] == "container" and pod["processes"] == [e]
         assert [f["what"] for f in r["findings"]][:1] == ["cross-tenant sharing"]
 
         # the exporter serves the same map to a real Prometheus, on its own interval
@@ -124,8 +131,8 @@ def test_share_names_workloads_and_accounts_for_every_ksm_page(tmp_path):
             sel = f'ksmtrace_sharing_bytes{{a="{vm}",b="{ctr}"}}'
             wait_for("the sharing map in Prometheus", lambda: prom.query(sel), 60)
             assert prom.value(sel) == 60 * PAGE_SIZE
-            # only the VM and the container are tenants: their 60 frames
-            assert prom.value("ksmtrace_sharing_cross_tenant_frames") == 60
+            # the VM and the two containers are tenants: three pairs of 60 frames
+            assert prom.value("ksmtrace_sharing_cross_tenant_frames") == 180
             assert prom.value("ksmtrace_sharing_read_seconds") > 0
             # the exposure finding, as the command computes it
             exposure = next(f for f in r["findings"] if f["what"] == "exposure")
