@@ -145,6 +145,9 @@ class Collector:
                 tick.events[-self.event_tail * EVENT_SIZE:]
             events = EventTail(raw, dict(self._owner))
             comms = self._comms(tick)
+        if b is not None:
+            for mm in b.exited:  # bounded: an exited mm's owner is resolved no more
+                self._owner.pop(mm, None)
         return Snapshot(
             seq=tick.seq,
             wall=c.wall,

@@ -466,3 +466,14 @@ def test_collector_memory_is_bounded_under_process_churn(fixture_ticks):
         c = dataclasses.replace(base.counters, mono=base.counters.mono + i, processes=procs)
         col.add_tick(dataclasses.replace(base, seq=i, counters=c, events=b""))
     assert len(col._procs) <= collector_mod.MAX_EXITED + 2
+
+
+def test_collector_forgets_the_owners_of_exited_mms(fixture_ticks):
+    col = Collector("replay")
+    exited: set[int] = set()
+    for t in fixture_ticks:
+        col.add_tick(t)
+        if t.bpf is not None:
+            exited |= set(t.bpf.exited)
+    # the recorded workload's three mms exited and were drained
+    assert len(exited) == 3 and not exited & set(col._owner)
