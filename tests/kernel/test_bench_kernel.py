@@ -46,8 +46,12 @@ def test_program_costs_equal_bpftool_and_the_programs_own_counts(facts, quiet_ks
         costs = {p.name: p for p in snap.programs}
         assert set(costs) == set(ids) and costs
         merge = costs["raw:ksm_merge_with_ksm_page"]
-        # run count == the merges the program counted itself == pages merged
-        assert merge.run_count == snap.totals["merges"] == snap.totals["merged_pages"] == 4000
+        # one run per merge attempt: the merges and failures the program
+        # counted itself (an attempt can fail, e.g. -EBUSY on a page another
+        # reference holds for a moment, and ksmd retries it on a later pass)
+        attempts = snap.totals["merges"] + snap.totals["merge_failures"]
+        assert merge.run_count == attempts
+        assert snap.totals["merges"] == snap.totals["merged_pages"] == 4000
         assert merge.run_time_ns > 0
         for name, p in costs.items():
             if not name.startswith(("ksm:", "raw:")):

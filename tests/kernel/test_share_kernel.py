@@ -3,10 +3,11 @@ real cgroup v2 directories named as libvirt, Docker and systemd name theirs.
 
 Five workload processes with the same contents merge into the same KSM
 frames. Two go into a libvirt-style VM scope, one into a Docker scope, one
-into a Kubernetes pod's containerd scope, one into a systemd service: `ksmtrace share` must name each workload, count
-each one's KSM pages as its processes' ksm_stat does, account for every
-page of pages_shared + pages_sharing, keep the matrix symmetric, and move
-written pages out of the shared figure exactly as cow_ksm grows.
+into a Kubernetes pod's containerd scope, one into a systemd service:
+`ksmtrace share` must name each workload, count each one's KSM pages as its
+processes' ksm_stat does, account for every page of pages_shared +
+pages_sharing, keep the matrix symmetric, and move written pages out of the
+shared figure exactly as cow_ksm grows.
 """
 
 from __future__ import annotations

@@ -173,8 +173,14 @@ def test_top_demo_in_tmux_agrees_with_sysfs_and_leaves_nothing_behind(quiet_ksm,
             time.sleep(0.1)
         assert "4 KSM processes" in screen, screen
         maps = [ln for ln in screen.splitlines() if ln.count("│") >= 3]
-        assert any(re.search(r"│[A-Za-z0-9·]{8}", ln) for ln in maps), screen
+        assert any(re.search(r"│ [A-Za-z0-9·]{8}", ln) for ln in maps), screen
         subprocess.run(["tmux", "send-keys", "-t", name, "Escape"], check=True)
+        for _ in range(300):  # back on the main screen (Esc then q at once reads as alt+q)
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", name],
+                                    capture_output=True, text=True, check=True).stdout
+            if panels(screen) is not None:
+                break
+            time.sleep(0.1)
         subprocess.run(["tmux", "send-keys", "-t", name, quit_key], check=True)
         for _ in range(300):
             if rc_file.exists() and rc_file.read_text().strip():
