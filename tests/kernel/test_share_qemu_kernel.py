@@ -32,7 +32,8 @@ from ksmtrace.kernel import procfs, sysfs
 from ksmtrace.share import format_share, summarise
 from ksmtrace.sources.counters import sample_sharing
 
-pytestmark = [pytest.mark.kernel, pytest.mark.timeout(900)]
+# Needs the image tests/vm/run.py builds: scripts/test runs it after that tier.
+pytestmark = [pytest.mark.kernel, pytest.mark.host_guests, pytest.mark.timeout(900)]
 
 IMAGE = Path("/var/cache/ksmtrace-vm/images/trixie")
 SCOPE = "machine.slice/machine-qemu\\x2d3\\x2dweb3.scope"
