@@ -173,14 +173,14 @@ class SharingThread(threading.Thread):
     def __init__(self, exporter, interval: float, top: int):
         super().__init__(name="ksmtrace-sharing", daemon=True)
         self.exporter, self.interval, self.top = exporter, interval, top
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         from ksmtrace.export.metrics import sharing_families
         from ksmtrace.share import summarise
         from ksmtrace.sources.counters import sample_sharing
 
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 r = summarise(sample_sharing(), "workload")
             except (KsmtraceError, OSError) as e:
@@ -189,10 +189,10 @@ class SharingThread(threading.Thread):
                       file=sys.stderr, flush=True)
                 return
             self.exporter.set_sharing(sharing_families(r, self.top, time.time()))
-            self._stop.wait(self.interval)
+            self._halt.wait(self.interval)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
 
 def _replay(src, col, exporter, path: str) -> bool:
