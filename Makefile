@@ -9,7 +9,7 @@ test:
 test-unit: setup
 	.venv/bin/python -m pytest -q tests/unit
 test-kernel: setup
-	.venv/bin/python -m pytest -q -m 'kernel and not fn_probes'
+	.venv/bin/python -m pytest -q -m 'kernel and not fn_probes and not host_guests'
 # the test-kernel tier: Debian 13 (6.12) and 12 (6.1) guests under QEMU, every
 # backend their kernels offer (tests/vm/README.md); ARGS="--guests trixie ..."
 test-vm:
