@@ -28,10 +28,31 @@ def facts() -> caps.Facts:
 
 @pytest.fixture
 def quiet_ksm():
-    """Exact deltas need ksmd stopped and no other process mergeable."""
+    """Exact deltas need ksmd stopped, no other process mergeable and no
+    pages of exited processes still counted."""
     assert sysfs.read_knob("run") == 0, "ksmd is running: another KSM user is active"
     others = other_ksm_users()
     assert not others, f"other processes use KSM: {', '.join(map(str, others))}"
+    _drain_exited_mms()
+    yield
+    if not other_ksm_users():  # what the test's processes left behind goes too
+        _drain_exited_mms()
+
+
+def _drain_exited_mms(timeout: float = 60.0) -> None:
+    """Pages of processes that exited while ksmd was stopped stay counted in
+    pages_shared/pages_sharing until ksmd walks their mm slot again, and
+    would then vanish in the middle of a test's deltas. With no KSM user
+    left, let ksmd walk them now (knobs restored) until the count is 0."""
+    if sysfs.read_sysfs().merged_pages == 0:
+        return
+    deadline = time.monotonic() + timeout
+    with sysfs.KsmKnobs() as k:
+        k.set(pages_to_scan=10000, sleep_millisecs=0, run=1)
+        while sysfs.read_sysfs().merged_pages and time.monotonic() < deadline:
+            time.sleep(0.05)
+    left = sysfs.read_sysfs().merged_pages
+    assert left == 0, f"{left} KSM pages still counted with no KSM user after {timeout:.0f} s"
 
 
 def _count_programs() -> int:
