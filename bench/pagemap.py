@@ -1,10 +1,16 @@
 """Page map reader: pagemap entries/s of the numpy reader against the
-page-by-page reader it replaced (kept below as the baseline), on two real
+page-by-page reader it replaced (kept below as the baseline), on four real
 subjects, measured side by side in one run:
 
 - a child process with 4 GiB of private anonymous MADV_MERGEABLE memory,
   every page written (each with its own content), base pages (THP is
   madvise-only on the development host and the child does not ask for it);
+- the same child with 1024 contents, page i holding content i % 1024, every
+  page merged by ksmd (KSM pages, each frame mapped by up to 256 PTEs);
+- the same child with unique contents but for its last 64 pages, merged with
+  a partner that then exits: KSM pages with one mapper, which pagemap marks
+  exclusive like the million ordinary pages before them. The reader's worst
+  case: it reads every exclusive page's flags until it has found them;
 - a QEMU/TCG guest, `-m 4096 -machine mem-merge=on` (guest RAM is
   MADV_MERGEABLE on the host), booted from the cached test image
   (tests/vm/) with init=/bin/sh, which then writes 3000 MiB with dd so most
@@ -15,13 +21,15 @@ included) with both readers in turn, the order rotating
 (`common.interleaved`); the figures are medians. An entry is one virtual
 page of the mergeable areas, absent or not; the notes give present pages/s
 and the process CPU time (all threads) per GiB. A third figure per subject
-is the kernel's own reads alone, on one thread: smaps, pagemap, and
-kpageflags + kpagecount over the same pfn ranges the numpy reader reads.
+is the kernel's own reads alone, on one thread, for an exact map that does
+not use pagemap's exclusive bit: smaps, pagemap, and kpageflags +
+kpagecount at every present pfn.
 
-ksmd is never started. The subjects' memory is mergeable, so the run holds
+ksmd runs only to merge the two merged subjects (knobs restored, stopped
+while measuring). The subjects' memory is mergeable, so the run holds
 /run/lock/ksmtrace-kernel-tests.lock (a kernel test starting ksmd would scan
 it) and refuses while ksmd runs. Every process it starts is killed on every
-exit path. Quick: a 64 MiB child and a 256 MiB guest left paused (-S: no
+exit path. Quick: 64 MiB children and a 256 MiB guest left paused (-S: no
 boot, nothing present).
 """
 
@@ -49,6 +57,7 @@ except ImportError:  # run as a file
     from bench.common import interleaved, median, row, spread
 
 from ksmtrace.kernel import pagemap as pm
+from ksmtrace.kernel import pfnreads
 
 LOCK_PATH = "/run/lock/ksmtrace-kernel-tests.lock"
 TARGET_RATE = 10_000_000  # entries/s: a 64 GiB guest (16.8M pages) in under 2 s
@@ -57,16 +66,27 @@ GIB = 1 << 30
 VM_IMAGES = Path(os.environ.get("KSMVM_CACHE", "/var/cache/ksmtrace-vm")) / "images"
 GUEST_WRITE_MIB = 3000
 
+# argv: size, contents (0: every page its own), common (the last pages,
+# alike in every child of the run), token (makes the run's contents its own)
 CHILD = r"""
 import mmap, sys
-size = int(sys.argv[1])
+size, contents, common, token = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+ps = mmap.PAGESIZE
+pages = size // ps
 m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 m.madvise(mmap.MADV_MERGEABLE)
-for off in range(0, size, mmap.PAGESIZE):
-    m[off:off + 8] = off.to_bytes(8, "little")  # present, and no two pages alike
+tag = token.encode()
+n = len(tag) + 8
+for i in range(pages - common):
+    v = i % contents if contents else i
+    m[i * ps:i * ps + n] = tag + v.to_bytes(8, "little")  # present; alike only as asked
+for k in range(common):
+    at = (pages - common + k) * ps
+    m[at:at + n] = tag + b"c" + k.to_bytes(7, "little")
 print("ready", flush=True)
 sys.stdin.read()
 """
+MERGE_TIMEOUT = 600.0
 
 
 # ---------------------------------------------------------------- baseline
@@ -106,7 +126,7 @@ def _old_pfn_runs(pfns: list[int]) -> Iterator[tuple[int, int]]:
         return
     start = prev = pfns[0]
     for pfn in pfns[1:]:
-        if pfn - prev > pm._PFN_GAP:
+        if pfn - prev > pfnreads.PFN_GAP:
             yield start, prev - start + 1
             start = pfn
         prev = pfn
@@ -180,15 +200,69 @@ def _kill(p: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def child(size: int) -> Iterator[int]:
-    p = subprocess.Popen([sys.executable, "-c", CHILD, str(size)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
+def child(size: int, contents: int = 0, common: int = 0,
+          token: str = "ksmtrace") -> Iterator[subprocess.Popen]:
+    p = subprocess.Popen([sys.executable, "-c", CHILD, str(size), str(contents), str(common),
+                          token], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         if p.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
             raise RuntimeError(f"the {size >> 20} MiB child did not start")
-        yield p.pid
+        yield p
     finally:
         _kill(p)
+
+
+def _merge(pids: list[int], want: dict[int, int]) -> None:
+    """ksmd on until each pid's ksm_merging_pages reaches `want`; off again
+    (every knob restored) on every exit path."""
+    from ksmtrace.kernel import procfs, sysfs
+
+    with sysfs.KsmKnobs() as k:
+        k.set(pages_to_scan=20000, sleep_millisecs=0, run=1)
+        deadline = time.monotonic() + MERGE_TIMEOUT
+        while any((procfs.read_ksm_merging_pages(p) or 0) < want[p] for p in pids):
+            if time.monotonic() > deadline:
+                got = {p: procfs.read_ksm_merging_pages(p) for p in pids}
+                raise RuntimeError(f"ksmd merged {got} of {want} in {MERGE_TIMEOUT:.0f} s")
+            time.sleep(0.2)
+
+
+def _settle() -> None:
+    """Pages of exited processes stay in pages_shared/pages_sharing until
+    ksmd walks their mm slots: two full scans (knobs restored), so nobody's
+    next deltas see them vanish."""
+    from ksmtrace.kernel import sysfs
+
+    with sysfs.KsmKnobs() as k:
+        k.set(pages_to_scan=20000, sleep_millisecs=0, run=1)
+        target = (sysfs.read_sysfs().full_scans or 0) + 2
+        deadline = time.monotonic() + 60
+        while (sysfs.read_sysfs().full_scans or 0) < target and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def merged_child(size: int) -> Iterator[int]:
+    """Every page of the child merged: 1024 contents."""
+    try:
+        with child(size, contents=1024, token=os.urandom(8).hex()) as p:
+            _merge([p.pid], {p.pid: size // pm.PAGE_SIZE})
+            yield p.pid
+    finally:
+        _settle()
+
+
+@contextlib.contextmanager
+def lone_child(size: int, common: int = 64) -> Iterator[int]:
+    """The child's last `common` pages merged with a partner's, which exits."""
+    token = os.urandom(8).hex()
+    try:
+        with child(size, common=common, token=token) as a:
+            with child(common * pm.PAGE_SIZE, common=common, token=token) as b:
+                _merge([a.pid, b.pid], {a.pid: common, b.pid: common})
+            yield a.pid
+    finally:
+        _settle()
 
 
 def vm_image() -> Path | None:
@@ -283,10 +357,10 @@ def _kernel_reads(pid: int, files: pm.RootFiles) -> float:
         e = entries[lo : lo + pm._CHUNK]
         pfns = (e[e >= np.uint64(pm.PM_PRESENT)] & np.uint64(pm.PM_PFN_MASK)).view(np.int64)
         if len(pfns):
-            first, length, _ = pm._reads(pfns)
+            first, length, _ = pfnreads.reads(pfns)
             for rel in ("proc/kpageflags", "proc/kpagecount"):
                 t = time.perf_counter()
-                pm._read_u64s(files, rel, first, length)
+                pfnreads.read_u64s(files, rel, first, length)
                 spent += time.perf_counter() - t
     return spent
 
@@ -349,8 +423,8 @@ def subject_rows(what: str, m: dict | None, why: str = "") -> list[dict]:
     return [
         row(names[0], new, units[0], targets[0], new >= TARGET_RATE,
             f"median, {spread(rate['new'], '{:,.0f}')}; {size}; present pages "
-            f"{new * m['present'] / n:,.0f}/s; CPU {cpu_gib['new']:.3f} s/GiB (two threads "
-            f"read kpageflags and kpagecount); both readers agree on "
+            f"{new * m['present'] / n:,.0f}/s; CPU {cpu_gib['new']:.3f} s/GiB (smaps read on "
+            f"a second thread, kpageflags and kpagecount on two); both readers agree on "
             f"{100 * m['agree']:.3f} % of pages"),
         row(names[1], old, units[1], note=f"median, {spread(rate['old'], '{:,.0f}')}; "
             f"CPU {cpu_gib['old']:.3f} s/GiB; the baseline kept in bench/pagemap.py"),
@@ -361,8 +435,9 @@ def subject_rows(what: str, m: dict | None, why: str = "") -> list[dict]:
         row(names[4], s_gib["old"], units[4], note="median wall time / GiB of mergeable areas"),
         row(names[5], kern, units[5],
             note=f"median, {spread(rate['kernel'], '{:,.0f}')}; wall time of the preads "
-            "alone (smaps, pagemap, kpageflags, kpagecount over the numpy reader's ranges), "
-            "one after another: the ceiling of any reader of these files on one thread"),
+            "alone (smaps, pagemap, kpageflags and kpagecount at every present pfn), one "
+            "after another: the ceiling of an exact reader on one thread that does not use "
+            "pagemap's exclusive bit"),
     ]
 
 
@@ -377,8 +452,14 @@ def run(quick: bool) -> list[dict]:
     with kernel_lock():
         if sysfs.read_knob("run") != 0:
             raise RuntimeError("ksmd is running: it would scan the subjects' mergeable memory")
-        with child(size) as pid:
-            rows += subject_rows(f"{size >> 20} MiB anonymous child", measure(pid, reps))
+        with child(size) as p:
+            rows += subject_rows(f"{size >> 20} MiB anonymous child", measure(p.pid, reps))
+        with merged_child(size) as pid:
+            rows += subject_rows(f"{size >> 20} MiB child, all merged (1024 contents)",
+                                 measure(pid, reps))
+        with lone_child(size) as pid:
+            rows += subject_rows(f"{size >> 20} MiB child, 64 one-mapper KSM pages at its end",
+                                 measure(pid, reps))
         what = "QEMU guest " + ("256 MiB, paused" if quick
                                 else f"4 GiB, booted, {GUEST_WRITE_MIB} MiB written")
         image = vm_image()

@@ -5,7 +5,8 @@ resident page or absent, with its pfn and how many PTEs map it.
 Sources (Documentation/admin-guide/mm/pagemap.rst), all root-only:
 - /proc/<pid>/smaps       areas whose VmFlags contain `mg` (VM_MERGEABLE)
 - /proc/<pid>/pagemap     one u64 per virtual page: bit 63 present, bit 62
-                          swapped, bits 0-54 pfn (zeroed without CAP_SYS_ADMIN)
+                          swapped, bit 56 exclusively mapped, bits 0-54 pfn
+                          (zeroed without CAP_SYS_ADMIN)
 - /proc/kpageflags        one u64 per pfn: KPF_KSM bit 21, KPF_ZERO_PAGE bit 24
 - /proc/kpagecount        one u64 per pfn: number of PTEs mapping the page
 
@@ -14,8 +15,16 @@ All of it is numpy, not a loop per page. pagemap is read in pieces of at most
 kpageflags and kpagecount are read only around the pfns found, in a few
 contiguous reads found from the runs of consecutive pfns (no sort per page),
 on two threads for large batches. The kernel's own work dominates: ~140 ns
-per pfn for each of kpageflags and kpagecount on the development host, so a
-map costs about that per distinct pfn, however fast the rest (bench/pagemap.py).
+per pfn for each of kpageflags and kpagecount on the development host.
+
+So the pages pagemap marks exclusively mapped (bit 56: one PTE maps the
+page) are not looked up: they are present pages with one mapper. One of them
+is a KSM page only when the other mappers of its KSM page wrote or unmapped
+theirs. smaps counts an area's KSM pages (its `KSM:` line, Linux 6.7 and
+later); when the area's other pages hold fewer, its exclusive pages' flags
+are read in address order, in growing batches, until the count is met. An
+area without that count (older kernels, or made by hand) has all of them
+read. A map of unmerged memory then costs pagemap alone (bench/pagemap.py).
 
 KPF_KSM is wrong on some kernels (6.12): stable_page_flags() tests
 `mapping & PAGE_MAPPING_KSM`, which PAGE_MAPPING_ANON alone satisfies, so every
@@ -25,22 +34,18 @@ anonymous and mapped by two PTEs or more (KSM pages are shared; a KSM page
 left with one mapper, or an anonymous page shared after fork, is then
 misread), and the map says its KSM state is inferred.
 
-A fixture root cannot hold these files whole (their offsets reach terabytes),
-so `RootFiles` also reads a recorded form: a directory `<file>.chunks/` next to
-where the file would be, holding the bytes the kernel returned as files named
-by their byte offset in hex. Bytes outside every chunk read as zero.
+Files are read through `RootFiles` (kernel/rootfiles.py), live or recorded;
+kpageflags and kpagecount around a page set's pfns by kernel/pfnreads.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import enum
 import errno
 import mmap
 import os
 import sys
-from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,27 +54,33 @@ from pathlib import Path
 import numpy as np
 
 from ksmtrace.errors import NoProcess, NotRoot
+from ksmtrace.kernel.pfnreads import (
+    FlagReads,
+    read_flags_and_counts,
+    read_u64s_parallel,
+    reads,
+)
+from ksmtrace.kernel.rootfiles import RootFiles
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 PM_PRESENT = 1 << 63
 PM_SWAPPED = 1 << 62
+PM_MMAP_EXCLUSIVE = 1 << 56
 PM_PFN_MASK = (1 << 55) - 1
 KPF_KSM = 1 << 21
 KPF_THP = 1 << 22
 KPF_ZERO_PAGE = 1 << 24
 
-# kpageflags/kpagecount reads: pfns closer than this share one read, which
-# costs at most this many unused u64s per gap but saves a read. On the
-# development host the kernel takes ~140 ns per u64 and a read costs ~2 us
-# more (syscall, Python): 16 unused u64s cost about one read.
-_PFN_GAP = 16
 # pagemap entries per read, and pages per batch of the pfn lookup: the memory
 # held beyond the map's own arrays is a small multiple of this many u64s.
 _CHUNK = 1 << 20
-# u64s per file from which a batch reads kpageflags and kpagecount on two
-# threads (below it, starting a thread costs more than it saves)
-_PARALLEL = 1 << 15
+# exclusively mapped pages whose flags are read first when smaps counts more
+# KSM pages in an area than its shared pages hold; each batch doubles
+_FIRST_BATCH = 1 << 12
+# pages from which a private writable area in maps is read from pagemap
+# while smaps is read (it may turn out not mergeable: read for nothing)
+_AHEAD = 1 << 14
 
 
 class PageState(enum.Enum):
@@ -85,11 +96,14 @@ _CODE = {s: i for i, s in enumerate(_STATES)}
 
 @dataclass(frozen=True)
 class Area:
-    """A mergeable VMA: [start, end) and its backing path ("" if anonymous)."""
+    """A mergeable VMA: [start, end), its backing path ("" if anonymous) and
+    the pages smaps counted as KSM pages in it when read (None: unknown, as
+    before Linux 6.7 or for an area made by hand)."""
 
     start: int
     end: int
     path: str = ""
+    ksm: int | None = None
 
     @property
     def pages(self) -> int:
@@ -104,98 +118,21 @@ class PageInfo:
     mappers: int | None  # PTEs mapping the pfn (kpagecount); None when absent
 
 
-class RootFiles:
-    """Positioned reads of files under a root: the live files, or recorded
-    `<name>.chunks/` directories in a fixture tree."""
-
-    def __init__(self, root: str | os.PathLike = "/"):
-        self.root = Path(root)
-        self._chunks: dict[Path, tuple[list[int], list[bytes]]] = {}
-        # rel -> the live file's path, or the Path of its .chunks directory:
-        # found once, as a page map makes thousands of reads of a few files
-        self._where: dict[str, str | Path] = {}
-        # live path -> fd, inside held_open() only; each file is read by one
-        # thread at a time, so no two threads open the same one
-        self._fds: dict[str, int] | None = None
-
-    @contextlib.contextmanager
-    def held_open(self) -> Iterator[None]:
-        """Within it, a live file stays open from its first pread until the
-        end (an open costs as much as reading ~50 pfns' flags). Re-entrant."""
-        if self._fds is not None:
-            yield
-            return
-        self._fds = {}
-        try:
-            yield
-        finally:
-            fds, self._fds = self._fds, None
-            for fd in fds.values():
-                os.close(fd)
-
-    def path(self, rel: str) -> Path:
-        return self.root / rel
-
-    def exists(self, rel: str) -> bool:
-        p = self.path(rel)
-        return p.exists() or p.with_name(p.name + ".chunks").is_dir()
-
-    def read_text(self, rel: str) -> str:
-        return self.path(rel).read_text()
-
-    def pread(self, rel: str, offset: int, size: int) -> bytes:
-        where = self._where.get(rel)
-        if where is None:
-            p = self.path(rel)
-            chunks = p.with_name(p.name + ".chunks")
-            where = self._where[rel] = chunks if not p.exists() and chunks.is_dir() else str(p)
-        if isinstance(where, Path):
-            return self._pread_chunks(where, offset, size)
-        fds = self._fds
-        fd = fds.get(where) if fds is not None else None
-        if fd is None:
-            fd = os.open(where, os.O_RDONLY | os.O_CLOEXEC)
-            if fds is not None:
-                fds[where] = fd
-        try:
-            parts = []
-            while size > 0:
-                data = os.pread(fd, size, offset)
-                if not data:
-                    break  # past the last pfn, or the process is exiting
-                parts.append(data)
-                offset += len(data)
-                size -= len(data)
-            return b"".join(parts)
-        finally:
-            if fds is None:
-                os.close(fd)
-
-    def _pread_chunks(self, d: Path, offset: int, size: int) -> bytes:
-        if d not in self._chunks:
-            items = sorted((int(f.name, 16), f.read_bytes()) for f in d.iterdir())
-            self._chunks[d] = ([o for o, _ in items], [b for _, b in items])
-        offsets, blobs = self._chunks[d]
-        out = bytearray(size)
-        i = max(bisect_right(offsets, offset) - 1, 0)
-        while i < len(offsets) and offsets[i] < offset + size:
-            lo = max(offsets[i], offset)
-            hi = min(offsets[i] + len(blobs[i]), offset + size)
-            if lo < hi:
-                out[lo - offset : hi - offset] = blobs[i][lo - offsets[i] : hi - offsets[i]]
-            i += 1
-        return bytes(out)
-
-
 def parse_smaps_areas(text: str) -> list[Area]:
     """Areas of smaps text whose VmFlags contain `mg`."""
     areas: list[Area] = []
     header: tuple[int, int, str] | None = None
+    ksm: int | None = None
     for line in text.splitlines():
         if line.startswith("VmFlags:"):
             if header and "mg" in line.split()[1:]:
-                areas.append(Area(*header))
-            header = None
+                areas.append(Area(*header, ksm))
+            header, ksm = None, None
+            continue
+        if line.startswith("KSM:"):
+            fields = line.split()
+            if len(fields) == 3 and fields[1].isdigit() and fields[2] == "kB":
+                ksm = int(fields[1]) * 1024 // PAGE_SIZE
             continue
         first = line.split(" ", 1)[0]
         if "-" in first and ":" not in first:
@@ -206,6 +143,7 @@ def parse_smaps_areas(text: str) -> list[Area]:
                 header = (int(lo, 16), int(hi, 16), fields[5] if len(fields) > 5 else "")
             except ValueError:
                 header = None
+            ksm = None
     return areas
 
 
@@ -281,28 +219,6 @@ def _test_kpf_ksm() -> bool:
         page.close()
 
 
-@dataclass(frozen=True)
-class _FlagReads:
-    """The kpageflags reads of one lookup batch: each read's first pfn
-    (sorted, reads disjoint), where its u64s start in `flags`, the u64s, and
-    which of them are at a pfn of the batch's pages (the rest fill gaps)."""
-
-    first: np.ndarray
-    offset: np.ndarray
-    flags: np.ndarray
-    held: np.ndarray
-
-    def get(self, pfn: int) -> int | None:
-        if not 0 < pfn <= PM_PFN_MASK:
-            return None
-        i = int(np.searchsorted(self.first, pfn, side="right")) - 1
-        if i < 0:
-            return None
-        j = int(self.offset[i]) + pfn - int(self.first[i])
-        end = int(self.offset[i + 1]) if i + 1 < len(self.offset) else len(self.flags)
-        return int(self.flags[j]) if j < end and self.held[j] else None
-
-
 class PageMap:
     """Pages of some areas of one process, stored as numpy arrays (one entry
     per page, in address order, areas one after another). Iterate for
@@ -317,7 +233,7 @@ class PageMap:
         states: np.ndarray,
         pfns: np.ndarray,
         mappers: np.ndarray,
-        flags: Sequence[_FlagReads],
+        flags: Sequence[FlagReads],
         ksm_inferred: bool = False,
     ):
         self.pid = pid
@@ -386,8 +302,8 @@ class PageMap:
 
     def kpageflags(self, pfn: int) -> int | None:
         """Raw /proc/kpageflags bits of a pfn this map contains."""
-        for reads in self._flags:
-            if (flags := reads.get(pfn)) is not None:
+        for batch in self._flags:
+            if (flags := batch.get(pfn)) is not None:
                 return flags
         return None
 
@@ -398,58 +314,6 @@ class PageMap:
     @property
     def zero_pages(self) -> int:
         return self.counts[PageState.ZERO]
-
-
-def _reads(pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reads covering the pfns of some pages (int64, in page order, repeats
-    allowed): (first pfn, length) of each read, sorted and disjoint, and each
-    page's index into the concatenation of the reads. Found from the runs of
-    pages whose pfn goes up by one from page to page (a THP is one run), so
-    only the runs are sorted, not the pages. Reads start and end at a page's
-    pfn, and join pfns no more than _PFN_GAP apart, as if between the sorted
-    distinct pfns."""
-    n = len(pfns)
-    start = np.flatnonzero(np.diff(pfns, prepend=pfns[:1] - 2) != 1)  # each run's first page
-    length = np.diff(start, append=n)
-    lo = pfns[start]
-    order = np.argsort(lo, kind="stable")
-    lo_sorted = lo[order]
-    reach = np.maximum.accumulate(lo_sorted + length[order] - 1)  # highest pfn so far
-    new = np.ones(len(order), bool)  # the run starts a read
-    new[1:] = lo_sorted[1:] - reach[:-1] > _PFN_GAP
-    heads = np.flatnonzero(new)
-    first = lo_sorted[heads]
-    read_length = reach[np.append(heads[1:], len(order)) - 1] - first + 1
-    read = np.empty(len(order), np.int64)
-    read[order] = np.cumsum(new) - 1  # the read each run falls in
-    shift = (np.cumsum(read_length) - read_length - first)[read]  # pfn -> index, per run
-    return first, read_length, pfns + np.repeat(shift, length)
-
-
-def _read_u64s(files: RootFiles, rel: str, first: np.ndarray, length: np.ndarray) -> np.ndarray:
-    """The concatenated u64s at [first, first + length) of each read; past the
-    file's end they read as zero."""
-    parts = []
-    for f, n in zip(first.tolist(), length.tolist(), strict=True):
-        data = files.pread(rel, f * 8, n * 8)
-        parts.append(data + bytes(n * 8 - len(data)))
-    return np.frombuffer(b"".join(parts), np.uint64)
-
-
-def _read_flags_and_counts(
-    files: RootFiles, first: np.ndarray, length: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """kpageflags and kpagecount over the same reads. The kernel computes
-    every u64 it returns (~140 ns each on the development host), so a large
-    batch reads the two files on two threads: os.pread releases the GIL."""
-    if length.sum() < _PARALLEL:
-        return (
-            _read_u64s(files, "proc/kpageflags", first, length),
-            _read_u64s(files, "proc/kpagecount", first, length),
-        )
-    with ThreadPoolExecutor(1, thread_name_prefix="ksmtrace-kpagecount") as pool:
-        counts = pool.submit(_read_u64s, files, "proc/kpagecount", first, length)
-        return _read_u64s(files, "proc/kpageflags", first, length), counts.result()
 
 
 def _read_pagemap(files: RootFiles, pid: int, areas: Sequence[Area]) -> np.ndarray:
@@ -463,21 +327,138 @@ def _read_pagemap(files: RootFiles, pid: int, areas: Sequence[Area]) -> np.ndarr
         for lo in range(0, area.pages, _CHUNK):
             want = min(_CHUNK, area.pages - lo)
             try:
-                data = files.pread(rel, (first + lo) * 8, want * 8)
+                got = files.pread_into(rel, (first + lo) * 8, entries[at + lo : at + lo + want])
             except PermissionError as e:
                 raise _hidden(f"/proc/{pid}/pagemap") from e
             except OSError as e:
                 if e.errno in (errno.ENOENT, errno.ESRCH):
                     raise _no_process(pid) from e
                 raise
-            got = np.frombuffer(data, np.uint64, len(data) // 8)
-            entries[at + lo : at + lo + len(got)] = got
-            if len(got) < want:  # area unmapped or the process exited mid-read
+            if got < want * 8:  # area unmapped or the process exited mid-read
                 if not files.exists(_pid_dir(pid)):
                     raise _no_process(pid)
-                break  # the rest of the area stays zero: absent
+                entries[at + lo + got // 8 : at + area.pages] = 0  # the rest: absent
+                break
         at += area.pages
     return entries
+
+
+def _maps_guesses(files: RootFiles, pid: int) -> list[Area]:
+    """The areas of /proc/<pid>/maps (no page table walk) that may be
+    mergeable and are large enough to read ahead: private and writable."""
+    try:
+        text = files.read_text(f"{_pid_dir(pid)}/maps")
+    except OSError:
+        return []  # read nothing ahead: smaps then says what is wrong
+    out = []
+    for line in text.splitlines():
+        fields = line.split(None, 2)
+        lo, _, hi = fields[0].partition("-") if fields else ("", "", "")
+        try:
+            area = Area(int(lo, 16), int(hi, 16))
+        except ValueError:
+            continue
+        perms = fields[1] if len(fields) > 1 else ""
+        if perms[1:2] == "w" and perms[3:4] == "p" and area.pages >= _AHEAD:
+            out.append(area)
+    return out
+
+
+@dataclass
+class _Block:
+    """Pages decoded from pagemap (and kpageflags/kpagecount for those not
+    exclusively mapped): one entry per page, as PageMap holds them."""
+
+    states: np.ndarray
+    pfns: np.ndarray
+    mappers: np.ndarray
+    exclusive: np.ndarray
+    flags: list[FlagReads]
+
+    def __getitem__(self, part: slice) -> _Block:
+        return _Block(self.states[part], self.pfns[part], self.mappers[part],
+                      self.exclusive[part], self.flags)
+
+    @staticmethod
+    def join(blocks: Sequence[_Block]) -> _Block:
+        if len(blocks) == 1:
+            return blocks[0]
+        flags: list[FlagReads] = []
+        for b in blocks:  # a block sliced twice from one read-ahead: its reads once
+            flags += [f for f in b.flags if not any(f is g for g in flags)]
+        return _Block(*(np.concatenate([getattr(b, k) for b in blocks])
+                        for k in ("states", "pfns", "mappers", "exclusive")), flags)
+
+
+def _decode(files: RootFiles, pid: int, entries: np.ndarray, infer: bool) -> _Block:
+    present = entries >= np.uint64(PM_PRESENT)
+    exclusive = present & ((entries & np.uint64(PM_MMAP_EXCLUSIVE)) != 0)
+    entries &= np.uint64(PM_PFN_MASK)  # in place: the entries become the pfns
+    entries[~present] = 0
+    pfns = entries.view(np.int64)
+    if not pfns[present].all():
+        # Since 4.2 pagemap shows pfn 0 to anyone without CAP_SYS_ADMIN.
+        raise _hidden(f"/proc/{pid}/pagemap")
+    states = np.full(len(pfns), _CODE[PageState.ABSENT], np.uint8)
+    mappers = np.full(len(pfns), -1, np.int64)
+    # Exclusively mapped: one PTE maps the page, so it is a KSM page only if
+    # a KSM page with a single mapper; see _exclusive_ksm.
+    states[exclusive] = _CODE[PageState.PRESENT]
+    mappers[exclusive] = 1
+    block = _Block(states, pfns, mappers, exclusive, [])
+    shared = np.flatnonzero(present & ~exclusive)
+    for lo in range(0, len(shared), _CHUNK):
+        _classify(files, shared[lo : lo + _CHUNK], block, infer, counts=True)
+    return block
+
+
+def _decode_halves(pool: ThreadPoolExecutor, files: RootFiles, pid: int, area: Area,
+                   infer: bool) -> _Block:
+    """_decode of a large area in two halves, the upper one on `pool` (each
+    thread its own file descriptors): the reads release the GIL."""
+    if area.pages < 2 * _AHEAD:
+        return _decode(files, pid, _read_pagemap(files, pid, [area]), infer)
+    mid = area.start + area.pages // 2 * PAGE_SIZE
+
+    def upper() -> _Block:
+        own = RootFiles(files.root)
+        with own.held_open():
+            return _decode(own, pid, _read_pagemap(own, pid, [Area(mid, area.end)]), infer)
+
+    high = pool.submit(upper)
+    low = _decode(files, pid, _read_pagemap(files, pid, [Area(area.start, mid)]), infer)
+    return _Block.join([low, high.result()])
+
+
+def _read_ahead(files: RootFiles, pid: int, infer: bool) -> tuple[list[Area], _Block]:
+    """The mergeable areas, decoded. smaps walks the page tables as pagemap
+    does, at about the same cost, so the large areas that may be mergeable
+    are read from pagemap and decoded on this thread while smaps is read on
+    another; an area smaps then shows mergeable is taken from what was read
+    ahead, if it lies inside one, else read now."""
+    guesses = _maps_guesses(files, pid)
+    if not guesses:
+        areas = mergeable_areas(pid, files=files)
+        return areas, _decode(files, pid, _read_pagemap(files, pid, areas), infer)
+    ahead: dict[Area, _Block] = {}
+    with ThreadPoolExecutor(2, thread_name_prefix="ksmtrace-pagemap") as pool:
+        smaps = pool.submit(mergeable_areas, pid, files=RootFiles(files.root))
+        try:
+            for g in guesses:
+                ahead[g] = _decode_halves(pool, files, pid, g, infer)
+        finally:
+            areas = smaps.result()  # raises what smaps raised, first
+    blocks = []
+    for a in areas:
+        g = next((g for g in ahead if g.start <= a.start and a.end <= g.end), None)
+        if g is None:
+            blocks.append(_decode(files, pid, _read_pagemap(files, pid, [a]), infer))
+        else:
+            lo = (a.start - g.start) // PAGE_SIZE
+            blocks.append(ahead[g][lo : lo + a.pages])
+    if not blocks:
+        return areas, _decode(files, pid, np.empty(0, np.uint64), infer)
+    return areas, _Block.join(blocks)
 
 
 def read_page_map(
@@ -495,48 +476,74 @@ def read_page_map(
     files = files or RootFiles(root)
     if not files.exists(_pid_dir(pid)):
         raise _no_process(pid)
-    if areas is None:
-        areas = mergeable_areas(pid, files=files)
     # a fixture tree was recorded on a kernel whose flags were checked
     infer = files.root == Path("/") and not kpf_ksm_reliable()
     with files.held_open():
-        return _read_map(files, pid, areas, infer)
+        if areas is None:
+            areas, block = _read_ahead(files, pid, infer)
+        else:
+            block = _decode(files, pid, _read_pagemap(files, pid, areas), infer)
+        if not infer:  # an inferred KSM page has two mappers or more
+            _exclusive_ksm(files, areas, block)
+    return PageMap(pid, areas, block.states, block.pfns, block.mappers, block.flags, infer)
 
 
-def _read_map(files: RootFiles, pid: int, areas: Sequence[Area], infer: bool) -> PageMap:
-    pfns = _read_pagemap(files, pid, areas)
-    states = np.full(len(pfns), _CODE[PageState.ABSENT], np.uint8)
-    mappers = np.full(len(pfns), -1, np.int64)
-    flag_reads: list[_FlagReads] = []
-    for lo in range(0, len(pfns), _CHUNK):
-        entries = pfns[lo : lo + _CHUNK]  # a view: becomes the batch's pfns in place
-        present = entries >= np.uint64(PM_PRESENT)
-        entries &= np.uint64(PM_PFN_MASK)
-        entries[~present] = 0
-        page = np.flatnonzero(present)
-        if not len(page):
-            continue
-        pfn = entries[page].view(np.int64)
-        if not pfn.all():
-            # Since 4.2 pagemap shows pfn 0 to anyone without CAP_SYS_ADMIN.
-            raise _hidden(f"/proc/{pid}/pagemap")
-        first, length, at = _reads(pfn)
-        try:
-            flags, counts = _read_flags_and_counts(files, first, length)
-        except PermissionError as e:
-            raise _hidden("/proc/kpageflags and /proc/kpagecount") from e
-        held = np.zeros(len(flags), bool)
-        held[at] = True
-        flag_reads.append(_FlagReads(first, np.cumsum(length) - length, flags, held))
-        f, n = flags[at], counts[at].view(np.int64)
-        code = np.full(len(page), _CODE[PageState.PRESENT], np.uint8)
-        ksm = (f & np.uint64(KPF_KSM)) != 0
+def _exclusive_ksm(files: RootFiles, areas: Sequence[Area], block: _Block) -> None:
+    """Finds the KSM pages among the exclusively mapped pages of each area:
+    KSM pages whose other mappers wrote or unmapped theirs. smaps counted
+    the area's KSM pages (Area.ksm); their flags are read, in address order
+    and in growing batches, only until the pages found match that count.
+    Without a count, every exclusive page's flags are read."""
+    ksm = _CODE[PageState.KSM]
+    at = 0
+    for area in areas:
+        lo, at = at, at + area.pages
+        if area.ksm is not None:
+            missing = area.ksm - int(np.count_nonzero(block.states[lo:at] == ksm))
+            if missing <= 0:
+                continue
+        idx = np.flatnonzero(block.exclusive[lo:at]) + lo
+        batch = _FIRST_BATCH
+        while len(idx):
+            part, idx = idx[:batch], idx[batch:]
+            _classify(files, part, block, False, counts=False)
+            batch = min(batch * 2, _CHUNK)
+            if area.ksm is not None:
+                missing = area.ksm - int(np.count_nonzero(block.states[lo:at] == ksm))
+                if missing <= 0:
+                    break
+
+
+def _classify(files: RootFiles, page: np.ndarray, block: _Block, infer: bool, *,
+              counts: bool) -> None:
+    """States of the present pages at indexes `page` of `block` from their
+    kpageflags, and their mappers from kpagecount (`counts`; else they keep
+    theirs)."""
+    if not len(page):
+        return
+    pfn = block.pfns[page]
+    first, length, at = reads(pfn)
+    try:
+        if counts:
+            flags, n64 = read_flags_and_counts(files, first, length)
+        else:
+            flags = read_u64s_parallel(files, "proc/kpageflags", first, length)
+    except PermissionError as e:
+        raise _hidden("/proc/kpageflags and /proc/kpagecount") from e
+    held = np.zeros(len(flags), bool)
+    held[at] = True
+    block.flags.append(FlagReads(first, np.cumsum(length) - length, flags, held))
+    # each u64 read classified once, then given to the pages on it: a read
+    # holds each distinct pfn once, where merged memory has many pages
+    code = np.full(len(flags), _CODE[PageState.PRESENT], np.uint8)
+    ksm = (flags & np.uint64(KPF_KSM)) != 0
+    if counts:
+        n = n64.view(np.int64)
+        block.mappers[page] = n[at]
         if infer:
             ksm &= n >= 2
-        code[ksm] = _CODE[PageState.KSM]
-        # The zero page check comes last, overriding: it is never a KSM page,
-        # and KSM's use_zero_pages maps it instead of a KSM page.
-        code[(f & np.uint64(KPF_ZERO_PAGE)) != 0] = _CODE[PageState.ZERO]
-        states[lo : lo + _CHUNK][page] = code
-        mappers[lo : lo + _CHUNK][page] = n
-    return PageMap(pid, areas, states, pfns.view(np.int64), mappers, flag_reads, infer)
+    code[ksm] = _CODE[PageState.KSM]
+    # The zero page check comes last, overriding: it is never a KSM page,
+    # and KSM's use_zero_pages maps it instead of a KSM page.
+    code[(flags & np.uint64(KPF_ZERO_PAGE)) != 0] = _CODE[PageState.ZERO]
+    block.states[page] = code[at]

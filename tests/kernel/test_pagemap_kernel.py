@@ -210,3 +210,89 @@ def test_written_pages_leave_the_ksm_pages(quiet_ksm):
             smaps = procfs.read_smaps_rollup_ksm_bytes(pid)
             assert smaps in (None, pm.ksm_pages * PAGE_SIZE)
             assert pm.ksm_inferred == (not kpf_ksm_reliable())
+
+
+# A child with `shared` pages of content common to every child of the run and
+# `unique` pages of its own after them; prints the area start like CHILD.
+LONE = r"""
+import ctypes, mmap, os, sys
+shared, unique, token = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].encode()
+ps = mmap.PAGESIZE
+m = mmap.mmap(-1, (shared + unique) * ps, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m.madvise(mmap.MADV_NOHUGEPAGE)
+for i in range(shared):
+    m[i * ps:(i + 1) * ps] = (token + b"s%d:" % i).ljust(ps, b".")
+for i in range(unique):
+    at = (shared + i) * ps
+    m[at:at + ps] = (token + b"u%d:%d:" % (os.getpid(), i)).ljust(ps, b".")
+m.madvise(mmap.MADV_MERGEABLE)
+print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.vm
+def test_ksm_pages_left_with_one_mapper_are_found(quiet_ksm, monkeypatch):
+    """A's and B's first 64 pages merge, each frame mapped by both; B exits.
+    A's 64 KSM pages are then mapped once, and pagemap marks them exclusive
+    like A's 20,000 ordinary pages after them (enough for A's area to be
+    read from pagemap while smaps is read). The map still finds all 64
+    (smaps counts them), reading flags only until it has: the last pages'
+    flags are never read. Without smaps' count (6.1, or an area given by
+    hand) every exclusive page is read, with the same map."""
+    from ksmtrace.kernel import pagemap as pm_mod
+
+    token = os.urandom(8).hex()
+    shared, unique = 64, 20000
+    procs = [subprocess.Popen([sys.executable, "-c", LONE, str(shared), str(n), token],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for n in (unique, 0)]
+    try:
+        (a, start), (b, _) = [(p.pid, int(p.stdout.readline())) for p in procs]
+        with KsmKnobs() as k:
+            k.set(pages_to_scan=5000, sleep_millisecs=0, run=1)
+            wait_until(lambda: procfs.read_ksm_merging_pages(a) == shared
+                       and procfs.read_ksm_merging_pages(b) == shared, what="64 pages merged")
+            k.set(run=0)
+            procs[1].kill()
+            procs[1].wait(timeout=10)
+            with open(f"/proc/{a}/pagemap", "rb") as f:
+                f.seek(start // PAGE_SIZE * 8)
+                entries = struct.unpack(f"{shared + unique}Q", f.read((shared + unique) * 8))
+            assert all(e >> 63 and e >> 56 & 1 for e in entries)  # present, exclusive
+            (area,) = mergeable_areas(a)
+            guesses = pm_mod._maps_guesses(pm_mod.RootFiles("/"), a)
+            assert any(g.start <= area.start and area.end <= g.end for g in guesses)
+            reads: list[tuple[int, int]] = []
+            real = pm_mod.RootFiles.pread
+
+            def pread(self, rel, offset, size):
+                if rel == "proc/kpageflags":
+                    reads.append((offset // 8, size // 8))
+                return real(self, rel, offset, size)
+
+            monkeypatch.setattr(pm_mod.RootFiles, "pread", pread)
+            pm = read_page_map(a)
+            pm_reads, reads[:] = list(reads), []
+            by_hand = read_page_map(a, [pm_mod.Area(area.start, area.end)])
+            stat = procfs.read_ksm_stat(a)
+        pages = list(pm)
+        assert [p.state for p in by_hand] == [p.state for p in pages]
+        if pm.ksm_inferred:  # 6.12: a KSM page is inferred from two mappers or more
+            assert pm.ksm_pages == 0
+            return
+        assert area.ksm in (shared, None) and stat.ksm_merging_pages == shared
+        assert [p.state for p in pages] == [PageState.KSM] * shared + [PageState.PRESENT] * unique
+        assert all(p.mappers == 1 for p in pages)
+        def covered(rs):
+            return {pfn for first, n in rs for pfn in range(first, first + n)}
+
+        last = pages[-1].pfn
+        if area.ksm is not None:  # stopped after the first batch, which held all 64
+            assert last not in covered(pm_reads) and pm.kpageflags(last) is None
+            assert sum(n for _, n in pm_reads) < shared + unique
+        assert last in covered(reads) and by_hand.kpageflags(last) is not None
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -14,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ksmtrace.errors import NoProcess, NotRoot
-from ksmtrace.kernel import pagemap, procfs
+from ksmtrace.kernel import pagemap, pfnreads, procfs
 from ksmtrace.kernel.pagemap import (
     KPF_KSM,
     KPF_ZERO_PAGE,
@@ -213,10 +214,10 @@ def test_chunk_reads_join_and_zero_fill(tmp_path):
 
 def pfn_runs(pfns: list[int]) -> list[tuple[int, int]]:
     """The reads the page-by-page reader made: (first, count) over the sorted
-    distinct pfns, split where two are more than _PFN_GAP apart."""
+    distinct pfns, split where two are more than PFN_GAP apart."""
     runs: list[tuple[int, int]] = []
     for pfn in sorted(set(pfns)):
-        if runs and pfn - (runs[-1][0] + runs[-1][1] - 1) <= pagemap._PFN_GAP:
+        if runs and pfn - (runs[-1][0] + runs[-1][1] - 1) <= pfnreads.PFN_GAP:
             runs[-1] = (runs[-1][0], pfn - runs[-1][0] + 1)
         else:
             runs.append((pfn, 1))
@@ -224,7 +225,7 @@ def pfn_runs(pfns: list[int]) -> list[tuple[int, int]]:
 
 
 def check_reads(pfns: list[int]) -> None:
-    first, length, at = pagemap._reads(np.array(pfns, np.int64))
+    first, length, at = pfnreads.reads(np.array(pfns, np.int64))
     assert list(zip(first.tolist(), length.tolist(), strict=True)) == pfn_runs(pfns)
     # each page's index into the concatenated reads lands on its own pfn
     read_pfns = np.concatenate([np.arange(f, f + n) for f, n in zip(first, length, strict=True)])
@@ -232,7 +233,7 @@ def check_reads(pfns: list[int]) -> None:
 
 
 def test_pfn_reads_group_runs_like_the_sorted_distinct_pfns():
-    gap = pagemap._PFN_GAP
+    gap = pfnreads.PFN_GAP
     pfns = [5, 6, 7, 7 + gap, 7 + 2 * gap + 1, 1000, 1001]
     assert pfn_runs(pfns) == [(5, gap + 3), (7 + 2 * gap + 1, 1), (1000, 2)]
     check_reads(pfns)
@@ -253,11 +254,18 @@ def record_preads(monkeypatch) -> list[tuple[str, int, int]]:
     calls: list[tuple[str, int, int]] = []
     real = RootFiles.pread
 
+    real_into = RootFiles.pread_into
+
     def pread(self, rel, offset, size):
         calls.append((rel, offset, size))
         return real(self, rel, offset, size)
 
+    def pread_into(self, rel, offset, out):
+        calls.append((rel, offset, out.nbytes))
+        return real_into(self, rel, offset, out)
+
     monkeypatch.setattr(RootFiles, "pread", pread)
+    monkeypatch.setattr(RootFiles, "pread_into", pread_into)
     return calls
 
 
@@ -279,8 +287,13 @@ def same_maps(a: pagemap.PageMap, b: pagemap.PageMap) -> None:
         for x, y in zip(a.page_pfns(state), b.page_pfns(state), strict=True):
             assert np.array_equal(x, y)
     for p in a:
-        if p.pfn is not None:
-            assert a.kpageflags(p.pfn) == b.kpageflags(p.pfn) is not None
+        if p.pfn is None:
+            continue
+        fa, fb = a.kpageflags(p.pfn), b.kpageflags(p.pfn)
+        if p.state in (PageState.KSM, PageState.ZERO):
+            assert fa == fb is not None
+        elif fa is not None and fb is not None:  # read in both: an exclusive page may not be
+            assert fa == fb
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 50, 127])
@@ -310,7 +323,7 @@ def test_reads_and_lookups_across_chunk_boundaries(monkeypatch, chunk):
 
 def test_flags_and_counts_on_two_threads_give_the_same_map(monkeypatch):
     whole = read_page_map(DUPS[0], root=HOST)
-    monkeypatch.setattr(pagemap, "_PARALLEL", 0)
+    monkeypatch.setattr(pfnreads, "PARALLEL", 0)
     same_maps(read_page_map(DUPS[0], root=HOST), whole)
     real = RootFiles.pread
 
@@ -326,7 +339,8 @@ def test_flags_and_counts_on_two_threads_give_the_same_map(monkeypatch):
 
 def test_kpageflags_only_for_pfns_of_the_map():
     pm = read_page_map(DUPS[0], root=HOST)
-    mine = {p.pfn for p in pm if p.pfn is not None}
+    # the pages not exclusively mapped (smaps' KSM count is met by them)
+    mine = {p.pfn for p in pm if p.state in (PageState.KSM, PageState.ZERO)}
     (reads,) = pm._flags
     # pfns inside a read but at no page of the map (the gaps a read spans)
     length = np.diff(reads.offset, append=len(reads.flags))
@@ -335,6 +349,53 @@ def test_kpageflags_only_for_pfns_of_the_map():
     assert all(pm.kpageflags(pfn) is None for pfn in spanned - mine)
     assert all(pm.kpageflags(pfn) is not None for pfn in mine)
     assert pm.kpageflags(min(mine) - 1) is None and pm.kpageflags(max(mine) + 1) is None
+
+
+def raw_entries(pid: int) -> np.ndarray:
+    (area,) = mergeable_areas(pid, HOST)
+    data = RootFiles(HOST).pread(f"proc/{pid}/pagemap", area.start // PAGE_SIZE * 8,
+                                 area.pages * 8)
+    return np.frombuffer(data, np.uint64)
+
+
+def test_exclusive_pages_are_one_mapper_and_their_flags_unread(monkeypatch):
+    """Pages pagemap marks exclusively mapped are present pages with one
+    mapper; once the shared pages hold smaps' KSM count, their kpageflags
+    and kpagecount are never read."""
+    calls = record_preads(monkeypatch)
+    for i, pid in enumerate(DUPS):
+        calls.clear()
+        pm = read_page_map(pid, root=HOST)
+        assert [p.state for p in pm] == expected_states(i)
+        entries = raw_entries(pid)
+        exclusive = ((entries >> np.uint64(56)) & np.uint64(1)).astype(bool)
+        present = [p.state is PageState.PRESENT for p in pm]
+        assert exclusive.tolist() == present  # the recorded kernel's bits, as the layout says
+        read = {o // 8 + k for r, o, n in calls if r == "proc/kpageflags" for k in range(n // 8)}
+        for p in pm.pages(PageState.PRESENT):
+            assert p.mappers == 1 and p.pfn not in read and pm.kpageflags(p.pfn) is None
+        assert pm.ksm_pages == pm.areas[0].ksm == procfs.read_ksm_stat(pid, HOST).ksm_merging_pages
+
+
+@pytest.mark.parametrize("more", [1, 1000])
+def test_an_area_short_of_its_smaps_ksm_count_has_its_exclusive_pages_read(tmp_path, more):
+    """smaps read before pagemap may count KSM pages gone since (a page
+    written meanwhile): the exclusive pages are then read too, the map is
+    the same, and their flags are known."""
+    pid = DUPS[0]
+    shutil.copytree(HOST, tmp_path / "root", symlinks=True)
+    smaps = tmp_path / "root" / f"proc/{pid}/smaps"
+    text = smaps.read_text()
+    line = re.compile(rf"^KSM: +{63 * PAGE_SIZE // 1024} kB$", re.M)
+    assert len(line.findall(text)) == 1
+    smaps.write_text(line.sub(f"KSM: {(63 + more) * PAGE_SIZE // 1024} kB", text))
+    pm = read_page_map(pid, root=tmp_path / "root")
+    assert pm.areas[0].ksm == 63 + more
+    whole = read_page_map(pid, root=HOST)
+    assert list(pm) == list(whole) and pm.counts == whole.counts
+    for p in pm.pages(PageState.PRESENT):
+        assert pm.kpageflags(p.pfn) is not None and whole.kpageflags(p.pfn) is None
+        assert p.mappers == 1
 
 
 def test_page_pfns_per_state():
@@ -385,3 +446,62 @@ def test_vanished_process_tree(tmp_path):
     shutil.rmtree(root / f"proc/{DUPS[0]}")
     with pytest.raises(NoProcess):
         read_page_map(DUPS[0], root=root)
+
+
+def with_maps(tmp_path, pid: int, widen: int = 0) -> Path:
+    """A copy of the 6.18 tree with /proc/<pid>/maps: the recorded smaps'
+    header lines (what maps shows), the mergeable area's end moved by `widen`
+    pages (as if the VMA changed between the two reads)."""
+    root = tmp_path / "root"
+    shutil.copytree(HOST, root, symlinks=True)
+    (area,) = mergeable_areas(pid, HOST)
+    lines = []
+    for line in (root / f"proc/{pid}/smaps").read_text().splitlines():
+        first = line.split(" ", 1)[0]
+        if "-" in first and ":" not in first:
+            if first == f"{area.start:x}-{area.end:x}":
+                line = line.replace(first, f"{area.start:x}-{area.end + widen * PAGE_SIZE:x}")
+            lines.append(line)
+    (root / f"proc/{pid}/maps").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("widen", [0, 5, -5])
+def test_areas_read_ahead_while_smaps_is_read_give_the_same_map(tmp_path, monkeypatch, widen):
+    """The private writable areas of maps are read from pagemap, in two
+    halves on two threads, while smaps is read: a mergeable area is then
+    taken from what was read ahead when it lies inside it (same or wider in
+    maps), else read again; the map is the same either way."""
+    pid = DUPS[0]
+    root = with_maps(tmp_path, pid, widen)
+    whole = read_page_map(pid, root=HOST)
+    monkeypatch.setattr(pagemap, "_AHEAD", 1)
+    guesses = pagemap._maps_guesses(RootFiles(root), pid)
+    (area,) = whole.areas
+    assert Area(area.start, area.end + widen * PAGE_SIZE) in guesses
+    calls = record_preads(monkeypatch)
+    pm = read_page_map(pid, root=root)
+    same_maps(pm, whole)
+    rel = f"proc/{pid}/pagemap"
+    base = area.start // PAGE_SIZE * 8
+    guess = area.pages + widen
+    span = max(guess, area.pages) * 8
+    reads = sorted((o - base, n) for r, o, n in calls if r == rel and 0 <= o - base < span)
+    halves = [(0, guess // 2 * 8), (guess // 2 * 8, (guess - guess // 2) * 8)]  # two threads
+    if widen >= 0:  # inside the area read ahead: read once
+        assert reads == halves
+    else:  # the area read ahead ends short of it: read again
+        assert reads == sorted([*halves, (0, area.pages * 8)])
+
+
+def test_no_maps_or_small_areas_read_nothing_ahead(tmp_path, monkeypatch):
+    pid = DUPS[0]
+    assert pagemap._maps_guesses(RootFiles(HOST), pid) == []  # no maps file
+    root = with_maps(tmp_path, pid)
+    assert pagemap._maps_guesses(RootFiles(root), pid) == []  # all below _AHEAD
+    monkeypatch.setattr(pagemap, "_AHEAD", 1)
+    lines = [ln.split() for ln in (root / f"proc/{pid}/maps").read_text().splitlines()]
+    private_writable = [Area(*(int(x, 16) for x in f[0].split("-"))) for f in lines
+                        if f[1][1] == "w" and f[1][3] == "p"]
+    assert 0 < len(private_writable) < len(lines)
+    assert pagemap._maps_guesses(RootFiles(root), pid) == private_writable
