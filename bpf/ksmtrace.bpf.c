@@ -15,7 +15,7 @@
  *   -DSCAN_FN=1|2    ksm_do_scan entry+exit (a scan batch), where not inlined
  *   -DCMP_FN=1|2     cmp_and_merge_page entry (one page compared), where not inlined
  *   -DRESOLVER       mmap_lock:mmap_lock_start_locking mm -> pid resolver
- *   -DSTREAM=0|1|2   per-event stream: none, ring buffer, perf buffer
+ *   -DSTREAM=0|1     per-event stream: none, or the ring buffer (5.8+)
  *   -DOFF_*          struct member offsets read from BTF, never from headers
  */
 #include <uapi/linux/ptrace.h>
@@ -73,8 +73,6 @@ static __always_inline u64 wakeup_flag(u64 now)
 	*last = now;	/* racing CPUs at worst both wake it */
 	return RB_FORCE_WAKEUP;
 }
-#elif STREAM == 2
-BPF_PERF_OUTPUT(events);
 #endif
 
 static __always_inline void count(int idx)
@@ -151,17 +149,10 @@ static __always_inline void emit_event(void *ctx, u16 kind, u16 sub, u64 mm, u64
 	e.kind = kind;
 	e.sub = sub;
 	bpf_get_current_comm(&e.comm, sizeof(e.comm));
-#if STREAM == 1
 	if (events.ringbuf_output(&e, sizeof(e), wakeup_flag(e.ts_ns)) == 0)
 		count(C_EVENTS_SENT);
 	else
 		count(C_EVENTS_LOST);
-#else
-	if (events.perf_submit(ctx, &e, sizeof(e)) == 0)
-		count(C_EVENTS_SENT);
-	else
-		count(C_EVENTS_LOST);
-#endif
 }
 #else
 #define emit(...) do { } while (0)

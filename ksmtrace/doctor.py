@@ -49,6 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cost-seconds", type=argtypes.duration, default=COST_SECONDS, metavar="S",
                    help="attach the default programs for S seconds and show what they cost "
                    f"the kernel (BPF stats; default {COST_SECONDS:g}, 0 skips it)")
+    p.add_argument("--clean", action="store_true",
+                   help="remove what a killed ksmtrace left behind (kprobe_events entries) "
+                   "and the compiled-program cache")
     p.add_argument(
         "--attach",
         choices=("auto", "fentry", "kprobe", "tracepoint"),
@@ -131,12 +134,14 @@ def run(args: argparse.Namespace) -> int:
     plan = caps.plan(facts, None if args.attach == "auto" else args.attach)
     code = exit_code(facts)
     seconds = getattr(args, "cost_seconds", COST_SECONDS)
+    left = leftovers(facts, clean=getattr(args, "clean", False))
     cost = measure_cost(facts, plan, seconds) if code == Exit.OK and seconds > 0 else None
     if args.json:
         json.dump(
             {
                 "facts": facts.as_dict(),
                 "plan": plan.as_dict(),
+                "leftovers": left,
                 "cost": cost,
                 "exit_code": int(code),
                 "status": code.name.lower(),
@@ -148,7 +153,41 @@ def run(args: argparse.Namespace) -> int:
         print()
     else:
         print(render(facts, plan, code, cost))
+        if text := render_leftovers(left):
+            print(text)
     return int(code)
+
+
+def leftovers(facts: caps.Facts, clean: bool) -> dict:
+    """kprobe_events entries of killed ksmtrace processes (a SIGKILL leaves
+    a legacy kretprobe's entry; everything else is a file descriptor the
+    kernel closed), and the compiled-program cache; removed with `clean`."""
+    if not facts.root:
+        return {"stale_kprobes": [], "removed": [], "cache": None}
+    from ksmtrace.sources import bundle, loader
+
+    stale = loader.stale_kprobes(facts.tracefs)
+    removed = loader.remove_stale(facts.tracefs) if clean else []
+    cache = bundle.cache_dir()
+    if clean and bundle.secure_dir(cache, create=False):
+        for f in cache.glob("*.bundle"):
+            f.unlink(missing_ok=True)
+    n = len(list(cache.glob("*.bundle"))) if cache.is_dir() else 0
+    return {"stale_kprobes": stale, "removed": removed,
+            "cache": {"path": str(cache), "bundles": n, "cleaned": clean}}
+
+
+def render_leftovers(left: dict) -> str:
+    out = []
+    for e in left["stale_kprobes"]:
+        gone = e in left["removed"]
+        out.append(f"left behind by a killed ksmtrace: kprobe_events entry {e}"
+                   + (" (removed)" if gone else "; `sudo ksmtrace doctor --clean` removes it"))
+    c = left["cache"]
+    if c is not None:
+        out.append(f"compiled programs cache: {c['path']} ({c['bundles']} bundle(s)"
+                   + (", cleaned)" if c["cleaned"] else ")"))
+    return "\n".join(out)
 
 
 def _yes(b: bool | None) -> str:
@@ -224,7 +263,7 @@ def render(f: caps.Facts, plan: caps.Plan, code: Exit, cost: dict | None = None)
     ):
         w(f"  {name:14}{_trial(t)}")
     if f.ringbuf.ok is False:
-        w(f"  {'':14}events use the perf buffer instead")
+        w(f"  {'':14}no event stream (trace, --events): counters and histograms only")
 
     w("")
     w("attach plan" + (f" (--attach {plan.forced})" if plan.forced else ""))

@@ -17,7 +17,7 @@ from ksmtrace.model import ProbeStatus
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 MAIN_SOURCE = BPF_DIR / "ksmtrace.bpf.c"
 
-STREAM_NONE, STREAM_RINGBUF, STREAM_PERF = 0, 1, 2
+STREAM_NONE, STREAM_RINGBUF = 0, 1  # bpf/ksmtrace.bpf.c STREAM
 
 # BTF layout fact -> the -D name bpf/ksmtrace.bpf.c reads it under
 LAYOUT_FLAGS = {
@@ -134,9 +134,11 @@ def build(plan: Plan, facts: Facts, stream: bool) -> Build:
             flags.append(f"-D{name}={facts.layout[key]}")
     mode = STREAM_NONE
     if stream:
-        mode = STREAM_RINGBUF if facts.ringbuf.ok else STREAM_PERF
-        if mode == STREAM_PERF:
-            notes.append("events use the perf buffer (no BPF ring buffer on this kernel)")
+        if facts.ringbuf.ok:
+            mode = STREAM_RINGBUF
+        else:
+            notes.append("no event stream: it needs the BPF ring buffer (Linux 5.8 and "
+                         "later); the counters and histograms are complete without it")
     flags.append(f"-DSTREAM={mode}")
     cow = plan.get("cow_breaks")
     return Build(tuple(flags), tuple(kprobes), mode, tuple(statuses),

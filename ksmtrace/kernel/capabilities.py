@@ -388,7 +388,7 @@ def plan(f: Facts, force: str | None = None) -> Plan:
 # Gathering the facts from the running host.
 
 
-def _bcc_version() -> str | None:
+def bcc_version() -> str | None:
     """bcc's version, read from its version.py without importing bcc (only
     the source layer imports it: importing it here would load libbcc)."""
     import importlib.util
@@ -475,7 +475,7 @@ def probe_host(
         tps[t] = tracefs.tracepoint_exists(tfs.path, cat, ev)
     kall = symbols.kallsyms_names(root, set(KSM_FUNCTIONS))
     btf = symbols.btf_func_names(root)
-    bcc = _bcc_version()
+    bcc = bcc_version()
     hdr = headers_mod.find_headers(root, build=is_root)
 
     not_tried = Trial(None, "not tried")

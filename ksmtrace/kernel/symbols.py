@@ -55,6 +55,19 @@ def btf_func_names(root: str | os.PathLike = "/") -> set[str] | None:
 
 
 def parse_btf_funcs(data: bytes) -> set[str]:
+    return set(parse_btf_func_ids(data))
+
+
+def btf_func_ids(root: str | os.PathLike = "/") -> dict[str, int]:
+    """BTF FUNC name -> its type id in vmlinux BTF (what an fentry program
+    is loaded for); empty without BTF."""
+    try:
+        return parse_btf_func_ids(btf_path(root).read_bytes())
+    except (OSError, ValueError):
+        return {}
+
+
+def parse_btf_func_ids(data: bytes) -> dict[str, int]:
     magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
     if magic != BTF_MAGIC:
         raise ValueError(f"not BTF (magic {magic:#x})")
@@ -62,18 +75,20 @@ def parse_btf_funcs(data: bytes) -> set[str]:
     types = hdr_len + type_off
     strings = hdr_len + str_off
     end = types + type_len
-    names: set[str] = set()
+    ids: dict[str, int] = {}
     off = types
+    tid = 0  # type ids count from 1 (0 is void), in the order of the type section
     unpack = struct.Struct("<III").unpack_from
     while off < end:
+        tid += 1
         name_off, info, _size = unpack(data, off)
         kind = (info >> 24) & 0x1F
         vlen = info & 0xFFFF
         off += 12 + _EXTRA_FIXED.get(kind, 0) + _EXTRA_PER_VLEN.get(kind, 0) * vlen
         if kind == BTF_KIND_FUNC and name_off:
             s = strings + name_off
-            names.add(data[s : data.index(b"\0", s)].decode())
-    return names
+            ids.setdefault(data[s : data.index(b"\0", s)].decode(), tid)
+    return ids
 
 
 

@@ -1,25 +1,27 @@
 """The live source: compiles bpf/ksmtrace.bpf.c with the flags the attach
-plan asks for, attaches it, and delivers one Tick per interval (counter poll
-+ in-kernel aggregates + raw events). A context manager: everything it
-attached is detached on exit, exceptions and signals included.
+plan asks for (in a child, or from the cache: sources/bundle.py), loads and
+attaches it itself (sources/loader.py: no bcc, so no LLVM in this process),
+and delivers one Tick per interval (counter poll + in-kernel aggregates + raw
+events). A context manager: everything it attached is detached on exit,
+exceptions and signals included; SIGKILL closes the descriptors that hold it.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import mmap
 import os
+import struct
 import sys
 import threading
 import time
 from collections.abc import Iterator
 
-from ksmtrace.errors import Busy, KsmtraceError, NoBpf, NoHeaders, not_root
+from ksmtrace.errors import Busy, KsmtraceError, NoBpf, not_root
 from ksmtrace.figures import COUNTER_SLOTS, HISTOGRAM_SLOTS, error_key
 from ksmtrace.kernel import headers as headers_mod
 from ksmtrace.kernel import sysfs, tracefs
-from ksmtrace.kernel.capabilities import Facts, Plan
+from ksmtrace.kernel.capabilities import Facts, Plan, bcc_version
 from ksmtrace.model import (
     BpfTotals,
     MmStats,
@@ -28,12 +30,27 @@ from ksmtrace.model import (
     Tick,
 )
 from ksmtrace.probes import MAIN_SOURCE, Build, build
-from ksmtrace.sources import counters
+from ksmtrace.sources import bundle, counters, loader
 from ksmtrace.sources.bpfstats import BpfStats, program_name, read_fdinfo, read_program
 
-RESOLVER_TP = b"mmap_lock:mmap_lock_start_locking"
-RESOLVER_FN = b"tracepoint__mmap_lock__mmap_lock_start_locking"
+RESOLVER_FN = "tracepoint__mmap_lock__mmap_lock_start_locking"
 RESOLVE_TRIES = 3  # ticks a pid is tried before its owner counts as unknowable
+
+# The maps' layouts, as bpf/ksmtrace.h declares them (checked against the
+# compiled sizes at load: a header change without this one fails loudly).
+KEY_U64 = struct.Struct("<Q")
+KEY_U32 = struct.Struct("<I")
+HIST_KEY = struct.Struct("<II")  # struct hist_key
+ERR_KEY = struct.Struct("<Ii")  # struct err_key
+MM_STATS = struct.Struct("<9Q")  # struct mm_stats
+OWNER = struct.Struct("<I16s")  # struct owner
+MERGE_SLOT = struct.Struct("<5Q")  # struct merge_slot
+RESOLVE_REQ = struct.Struct("<II")  # struct resolve_req
+U64 = struct.Struct("<Q")
+LAYOUTS = {"mm_stats": (KEY_U64, MM_STATS), "owners": (KEY_U64, OWNER),
+           "hist": (HIST_KEY, U64), "errors": (ERR_KEY, U64),
+           "merge_slot": (KEY_U32, MERGE_SLOT), "resolve": (KEY_U32, RESOLVE_REQ),
+           "counters": (KEY_U32, U64)}
 
 
 class LiveSource:
@@ -50,15 +67,16 @@ class LiveSource:
         self.probes: tuple[ProbeStatus, ...] = self.spec.probes
         self.cow_estimated = self.spec.cow_estimated
         self.notes: tuple[str, ...] = self.spec.notes
-        self._bpf = None
+        self._bpf: loader.Loaded | None = None
+        self._ring: loader.RingBuffer | None = None
+        self.cached: bool | None = None  # whether the compiled programs came from the cache
         self._events = bytearray()
-        self._perf_lost = 0
         self._seq = 0
         self._resolved: set[int] = set()
         self._resolve_tries: dict[int, int] = {}  # pid -> resolutions that missed
         self._owner_pids: set[int] = set()
         self._exited: dict[int, MmStats] = {}
-        self._programs: dict[str, int] = {}  # program -> its fd (ours, bcc's)
+        self._programs: dict[str, int] = {}  # program -> its fd
         # kernel BPF run-time stats, on while we run (our own cost); off only
         # for bench/ksmd_overhead.py, which measures what they cost ksmd
         self.stats = BpfStats()
@@ -69,48 +87,38 @@ class LiveSource:
     def __enter__(self) -> LiveSource:
         if os.geteuid() != 0:
             raise not_root("tracing KSM with BPF")
-        tracefs.require_tracefs(self.root)
-        headers_mod.use_headers(headers_mod.find_headers(self.root))
-        try:
-            from bcc import BPF  # the only import of bcc outside sources/trial.py
-        except ImportError as e:
-            raise NoBpf(f"bcc is not importable: {e}",
-                        "apt-get install python3-bpfcc, and use a venv made with "
-                        "--system-site-packages (scripts/setup.sh does both)") from e
+        tfs = tracefs.require_tracefs(self.root)
         if not self.spec.parts:
             raise NoBpf("no KSM path can be traced on this kernel (plan: polling only)",
                         "use `--sysfs-only`, or see `ksmtrace doctor` for why")
+        headers = headers_mod.find_headers(self.root)
+        headers_mod.use_headers(headers)  # says how to install them when there are none
+        compiled, self.cached = bundle.compile_bundle(
+            MAIN_SOURCE, self.spec.cflags,
+            headers.path if headers.origin != "running-kernel" else None, bcc_version())
+        _check_layouts(compiled)
         self._refuse_fentry_while_ksmd_spins()
-        # stats on before loading: tracepoint programs attach as they load
+        # stats on before attaching: tracepoint programs run as they attach
         if self.bpf_stats:
             self.stats.open()
         try:
-            self._bpf = BPF(src_file=str(MAIN_SOURCE).encode(),
-                            cflags=list(self.spec.cflags))
-        except Exception as e:
-            self.stats.close()
-            msg = str(e)
-            if "kernel headers" in msg.lower():
-                raise NoHeaders(msg, "apt-get install linux-headers-amd64") from e
-            raise KsmtraceError(f"loading the BPF programs failed: {msg}",
-                                "run `ksmtrace doctor` to see what this kernel allows; "
-                                "`--ebpf` prints the program and flags") from e
-        try:
+            self._bpf = loader.load(compiled, tfs, self.root)
+            self._bpf.attach_auto(skip=(RESOLVER_FN,))  # the resolver: only while resolving
             self._attach_kprobes()
             if self.spec.stream == 1:
-                self._bpf[b"events"].open_ring_buffer(self._on_event)
-            elif self.spec.stream == 2:
-                self._bpf[b"events"].open_perf_buffer(self._on_event, page_cnt=256,
-                                                     lost_cb=self._on_lost)
+                events = self._bpf.maps["events"]
+                self._ring = loader.RingBuffer(events.fd, events.spec.max_entries)
             if "COW_FN" in self.spec.parts:
                 self._calibrate_page_base()
-            self._programs = {program_name(k.decode()): f.fd
-                              for k, f in self._bpf.funcs.items() if f.fd >= 0}
-            if "RESOLVER" in self.spec.parts:
-                # bcc attached it at load; it is attached only while resolving
-                self._bpf.detach_tracepoint(tp=RESOLVER_TP)
-        except BaseException:
+            self._programs = {program_name(k): fd for k, fd in self._bpf.programs.items()}
+        except BaseException as e:
             self.close()
+            if isinstance(e, KsmtraceError):
+                raise
+            if isinstance(e, OSError):
+                raise KsmtraceError(f"loading the BPF programs failed: {e}",
+                                    "run `ksmtrace doctor` to see what this kernel allows; "
+                                    "`--ebpf` prints the program and flags") from e
             raise
         return self
 
@@ -122,8 +130,8 @@ class LiveSource:
     def _refuse_fentry_while_ksmd_spins(self) -> None:
         """Attaching (and detaching) fentry/fexit programs waits for an RCU
         Tasks grace period: every task must sleep or enter user space once.
-        ksmd at sleep_millisecs=0 does neither, so bcc would hang in the
-        attach (the kernel logs "rcu_tasks detected stalls" on ksmd). Say so
+        ksmd at sleep_millisecs=0 does neither, so the attach would hang
+        (the kernel logs "rcu_tasks detected stalls" on ksmd). Say so
         at once instead."""
         if self.spec.fentry and self._ksmd_spins():
             raise Busy("ksmd runs with sleep_millisecs=0, so it never sleeps, and attaching "
@@ -139,13 +147,8 @@ class LiveSource:
         # yet would leave a slot no exit clears (bpf/ksmtrace.bpf.c cow_forget)
         for k in sorted(self.spec.kprobes, key=lambda k: not k.ret):
             try:
-                # bytes: bcc warns (DeprecationWarning) for every str it is given
-                event, fn = k.function.encode(), k.program.encode()
-                if k.ret:
-                    self._bpf.attach_kretprobe(event=event, fn_name=fn, maxactive=64)
-                else:
-                    self._bpf.attach_kprobe(event=event, fn_name=fn)
-            except Exception as e:
+                self._bpf.attach_kprobe(k.program, k.function, k.ret)
+            except (KsmtraceError, OSError) as e:
                 for p in statuses.values():
                     if k.function in p.targets and p.method == "kprobe":
                         failed[p.probe] = f"{k.function}: {e}"
@@ -169,14 +172,20 @@ class LiveSource:
 
     def close(self) -> None:
         try:
+            if self._ring is not None:
+                self._ring.close()
+                self._ring = None
             if self._bpf is not None:
-                if self.spec.fentry and self._ksmd_spins():
-                    # detaching waits like attaching does: say why, if it hangs
-                    print("ksmtrace: detaching fentry programs waits until ksmd sleeps once; "
+                if self._ksmd_spins():
+                    # Detaching waits for an RCU Tasks (Trace) grace period:
+                    # fentry always; a tracepoint's perf event too on recent
+                    # kernels (perf_event_detach_bpf_prog, seen on 6.18). Say
+                    # why, if it hangs.
+                    print("ksmtrace: detaching BPF programs waits until ksmd sleeps once; "
                           "it runs with sleep_millisecs=0 and may not: if this does not "
                           "return, echo 1 > /sys/kernel/mm/ksm/sleep_millisecs",
                           file=sys.stderr, flush=True)
-                self._bpf.cleanup()
+                self._bpf.close()
                 self._bpf = None
                 self._programs = {}
         finally:
@@ -186,23 +195,16 @@ class LiveSource:
         self.close()
 
     # --------------------------------------------------------------- events
-    def _on_event(self, *args) -> None:
-        # ring buffer: (ctx, data, size); perf buffer: (cpu, data, size)
-        self._events += ctypes.string_at(args[1], args[2])
-
-    def _on_lost(self, lost: int) -> None:
-        self._perf_lost += lost
+    def _on_event(self, record: bytes) -> None:
+        self._events += record
 
     def poll(self, timeout_s: float) -> None:
-        ms = max(0, int(timeout_s * 1000))
-        if self.spec.stream == 1:
+        if self._ring is not None:
             # the programs wake us at most every 10 ms (bpf/ksmtrace.bpf.c):
             # wait for a wake-up or the timeout, then take everything there,
             # woken for or not
-            self._bpf.ring_buffer_poll(ms)
-            self._bpf.ring_buffer_consume()
-        elif self.spec.stream == 2:
-            self._bpf.perf_buffer_poll(ms)
+            self._ring.poll(max(0.0, timeout_s))
+            self._ring.consume(self._on_event)
         else:
             time.sleep(timeout_s)
 
@@ -211,24 +213,27 @@ class LiveSource:
         """mm -> pid, and pid -> comm where the BPF side saw the comm."""
         owners: dict[int, int] = {}
         comms: dict[int, str] = {}
-        for k, v in self._bpf[b"owners"].items():
-            owners[int(k.value)] = int(v.pid)
-            if v.comm:
-                comms[int(v.pid)] = v.comm.decode("utf-8", "replace")
+        for k, v in self._bpf.maps["owners"].items():
+            pid, comm = OWNER.unpack(v)
+            owners[KEY_U64.unpack(k)[0]] = pid
+            comm = comm.split(b"\0", 1)[0]
+            if comm:
+                comms[pid] = comm.decode("utf-8", "replace")
         return owners, comms
 
     def read_totals(self, owners: dict[int, int], comms: dict[int, str]) -> BpfTotals:
-        b = self._bpf
-        table = b[b"counters"]
-        counters = {name: int(table.sum(ctypes.c_int(i)).value)
-                    for i, name in enumerate(COUNTER_SLOTS)}
+        maps = self._bpf.maps
+        counters_ = {name: maps["counters"].percpu_u64(i) for i, name in enumerate(COUNTER_SLOTS)}
         hist: dict[str, dict[int, int]] = {h: {} for h in HISTOGRAM_SLOTS}
-        for k, v in b[b"hist"].items():
-            hist[HISTOGRAM_SLOTS[k.which]][int(k.slot)] = int(v.value)
-        errors = {error_key(k.kind, k.err): int(v.value) for k, v in b[b"errors"].items()}
+        for k, v in maps["hist"].items():
+            which, slot = HIST_KEY.unpack(k)
+            if which < len(HISTOGRAM_SLOTS):
+                hist[HISTOGRAM_SLOTS[which]][slot] = U64.unpack(v)[0]
+        errors = {error_key(*ERR_KEY.unpack(k)): U64.unpack(v)[0]
+                  for k, v in maps["errors"].items()}
         mms = self._read_mm_stats()
         exited, self._exited = self._exited, {}
-        return BpfTotals(counters, hist, errors, mms, exited, owners, self._perf_lost, comms,
+        return BpfTotals(counters_, hist, errors, mms, exited, owners, 0, comms,
                          self.program_costs())
 
     # ------------------------------------------------------------- own cost
@@ -246,11 +251,11 @@ class LiveSource:
     def _read_slot(self) -> tuple[int, int, tuple[int, int, int]]:
         """ksmd's merge slot (bpf/ksmtrace.h struct merge_slot), once it is
         not in the middle of a flush: (seq, mm, merges by kind)."""
-        table = self._bpf[b"merge_slot"]
+        table = self._bpf.maps["merge_slot"]
         for _ in range(100_000):  # a flush is a few hundred ns of ksmd
-            v = table[ctypes.c_int(0)]
-            if not v.seq % 2:
-                return int(v.seq), int(v.mm), tuple(int(x) for x in v.merges)
+            seq, mm, *merges = MERGE_SLOT.unpack(table.index(0))
+            if not seq % 2:
+                return seq, mm, (merges[0], merges[1], merges[2])
         raise KsmtraceError("ksmd's merge slot stayed mid-flush; report this as a bug")
 
     def _read_mm_stats(self) -> dict[int, MmStats]:
@@ -265,17 +270,17 @@ class LiveSource:
         reads. (An mm that entered the slot after the first read and left it
         during the table read can miss those merges until the next tick, but
         never goes down.)"""
-        table = self._bpf[b"mm_stats"]
+        table = self._bpf.maps["mm_stats"]
         if not self.spec.merge_slot:
-            return {int(k.value): _mm_stats(v) for k, v in table.items()}
+            return {KEY_U64.unpack(k)[0]: _mm_stats(v) for k, v in table.items()}
         seq, first_mm, _ = self._read_slot()
-        mms = {int(k.value): _mm_stats(v) for k, v in table.items()}
+        mms = {KEY_U64.unpack(k)[0]: _mm_stats(v) for k, v in table.items()}
         seq2, mm, pending = self._read_slot()
         recheck = {first_mm}
         while seq2 != seq:
             recheck.add(mm)
             seq = seq2
-            again = {m: table.get(table.Key(m)) for m in recheck if m}
+            again = {m: table.get(KEY_U64.pack(m)) for m in recheck if m}
             seq2, mm, pending = self._read_slot()
             if seq2 == seq:
                 for m, v in again.items():
@@ -297,20 +302,16 @@ class LiveSource:
         them (no update can follow once the process is gone, and once ksmd's
         merge slot no longer holds the mm: it is flushed at the latest at the
         end of the scan round)."""
-        mm_table, owner_table = self._bpf[b"mm_stats"], self._bpf[b"owners"]
+        mm_table, owner_table = self._bpf.maps["mm_stats"], self._bpf.maps["owners"]
         held = self._slot_mm()
         for mm, pid in owners.items():
             if pid and mm != held and not os.path.exists(f"/proc/{pid}"):
-                key = mm_table.Key(mm)
-                try:
-                    self._exited[mm] = _mm_stats(mm_table[key])
-                    del mm_table[key]
-                except KeyError:
-                    pass
-                try:
-                    del owner_table[owner_table.Key(mm)]
-                except KeyError:
-                    pass
+                key = KEY_U64.pack(mm)
+                v = mm_table.get(key)
+                if v is not None:
+                    self._exited[mm] = _mm_stats(v)
+                    mm_table.delete(key)
+                owner_table.delete(key)
 
     def resolve_owners(self, pids: list[int]) -> None:
         """Learn mm -> pid for processes that registered before we attached:
@@ -323,17 +324,17 @@ class LiveSource:
                 if pid not in known and pid not in self._resolved and pid != os.getpid()]
         if not todo:
             return
-        self._bpf.attach_tracepoint(tp=RESOLVER_TP, fn_name=RESOLVER_FN)
+        self._bpf.attach(RESOLVER_FN)
         try:
             self._resolve(todo)
         finally:
-            self._bpf.detach_tracepoint(tp=RESOLVER_TP)
+            self._bpf.detach(RESOLVER_FN)
         # a pid counts as done once the map has its owner, or after a few
         # tries (it exited, or its lock was never taken through the traced
         # path). Until then its figures go to no process, and on
         # tracepoint-only kernels its write faults (the COW estimate's basis)
         # are not counted at all: one miss used to be final
-        found = {int(o.pid) for o in self._bpf[b"owners"].values()}
+        found = {OWNER.unpack(v)[0] for _, v in self._bpf.maps["owners"].items()}
         tries = {}
         for pid in todo:
             n = self._resolve_tries.get(pid, 0) + 1
@@ -344,27 +345,25 @@ class LiveSource:
         self._resolve_tries = tries
 
     def _resolve(self, pids: list[int]) -> None:
-        table = self._bpf[b"resolve"]
+        table = self._bpf.maps["resolve"]
         tid = threading.get_native_id()
+        zero = KEY_U32.pack(0)
         for pid in pids:
-            req = table[ctypes.c_int(0)]
-            req.tid, req.pid = tid, pid
-            table[ctypes.c_int(0)] = req
+            table.set(zero, RESOLVE_REQ.pack(tid, pid))
             try:
                 with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
                     f.read()
             except OSError:
                 pass  # exited meanwhile: expected
             finally:
-                req.tid, req.pid = 0, 0
-                table[ctypes.c_int(0)] = req
+                table.set(zero, RESOLVE_REQ.pack(0, 0))
 
     # ---------------------------------------------------------------- ticks
     def tick(self) -> Tick:
         c = counters.sample(self.root, pids=self.pids)
         self.resolve_owners([p.pid for p in c.processes])
-        if self.spec.stream:
-            self.poll(0)  # drain what is already there
+        if self._ring is not None:
+            self._ring.consume(self._on_event)  # what is already there
         owners, comms = self.read_owners()
         self._owner_pids = set(owners.values())
         self._drain_exited(owners)
@@ -380,7 +379,17 @@ class LiveSource:
         return counters.paced(self.tick, self.poll, interval, count)
 
 
-def _mm_stats(v) -> MmStats:
+def _mm_stats(v: bytes) -> MmStats:
     """A struct mm_stats value as read from the map."""
-    return MmStats(tuple(v.merges), int(v.merge_failures), tuple(v.cow), int(v.wp_faults),
-                   int(v.unshares), int(v.rmap_removed))
+    m = MM_STATS.unpack(v)
+    return MmStats(m[0:3], m[3], m[4:6], m[6], m[7], m[8])
+
+
+def _check_layouts(b: bundle.Bundle) -> None:
+    sizes = {m.name: (m.key_size, m.value_size) for m in b.maps}
+    for name, (key, value) in LAYOUTS.items():
+        if name in sizes and sizes[name] != (key.size, value.size):
+            raise KsmtraceError(
+                f"map {name} is {sizes[name]} bytes (key, value) compiled, "
+                f"{(key.size, value.size)} as sources/live.py reads it",
+                "bpf/ksmtrace.h and sources/live.py disagree: report a bug")
