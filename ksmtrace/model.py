@@ -15,12 +15,15 @@ import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 from ksmtrace.figures import FIGURES, cow_kind, errno_name, merge_kind_text
 from ksmtrace.kernel.identity import Workload
-from ksmtrace.kernel.pagemap import PAGE_SIZE, PageMap
-from ksmtrace.kernel.procfs import KsmStat, KsmVmstat
+from ksmtrace.kernel.procfs import PAGE_SIZE, KsmStat, KsmVmstat
 from ksmtrace.kernel.sysfs import KsmSysfs
+
+if TYPE_CHECKING:  # numpy, only where page maps are read
+    from ksmtrace.kernel.pagemap import PageMap
 
 # --------------------------------------------------------------------------
 # Events: mirrors of bpf/ksmtrace.h

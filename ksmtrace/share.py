@@ -219,3 +219,21 @@ def run(args: argparse.Namespace) -> int:
     r = summarise(s, args.by, args.top)
     print(json.dumps(r, indent=2) if args.json else format_share(r))
     return 0
+
+
+def child_main() -> int:
+    """`python -m ksmtrace.share`: the exporter's reader of the sharing map,
+    run as a child so that the exporter itself never maps numpy. One sharing
+    map by workload as JSON on stdout (no groups when no process uses KSM);
+    an error on stderr and exit 1 otherwise."""
+    try:
+        r = summarise(sample_sharing(), "workload")
+    except (KsmtraceError, OSError) as e:
+        print(e.message if isinstance(e, KsmtraceError) else str(e), file=sys.stderr)
+        return 1
+    sys.stdout.write(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(child_main())

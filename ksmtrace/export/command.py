@@ -11,7 +11,9 @@ when the command runs: the rest of the CLI works without them.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -167,32 +169,63 @@ def run(args: argparse.Namespace) -> int:
 class SharingThread(threading.Thread):
     """Reads the sharing map now, then every `interval` seconds, off the tick
     loop and the scrapes: its families reach scrapes with the next snapshot.
-    Page maps are only read (no knob, no probe), so stopping needs no
-    unwinding: `stop()` ends it after the map being read, if any."""
+    Each reading is a child process (`python -m ksmtrace.share`), so the
+    exporter never holds numpy or the page maps' arrays: its memory stays
+    what the scrapes need. Page maps are only read (no knob, no probe), so
+    `stop()` just ends the child being waited for, if any."""
+
+    TIMEOUT = 600.0  # a reading of many large guests' maps; then it is given up
 
     def __init__(self, exporter, interval: float, top: int):
         super().__init__(name="ksmtrace-sharing", daemon=True)
         self.exporter, self.interval, self.top = exporter, interval, top
         self._halt = threading.Event()
+        self._child: subprocess.Popen | None = None
 
     def run(self) -> None:
         from ksmtrace.export.metrics import sharing_families
-        from ksmtrace.share import summarise
-        from ksmtrace.sources.counters import sample_sharing
 
         while not self._halt.is_set():
             try:
-                r = summarise(sample_sharing(), "workload")
-            except (KsmtraceError, OSError) as e:
-                why = e.message if isinstance(e, KsmtraceError) else str(e)
-                print(f"ksmtrace export: the sharing map is not available: {why}",
-                      file=sys.stderr, flush=True)
+                r = self._read()
+            except KsmtraceError as e:
+                if not self._halt.is_set():
+                    print(f"ksmtrace export: the sharing map is not available: {e.message}",
+                          file=sys.stderr, flush=True)
                 return
             self.exporter.set_sharing(sharing_families(r, self.top, time.time()))
             self._halt.wait(self.interval)
 
+    def _read(self) -> dict:
+        from ksmtrace.spawn import python_argv
+
+        p = subprocess.Popen(python_argv("ksmtrace.share"), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._child = p
+        try:
+            out, err = p.communicate(timeout=self.TIMEOUT)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            raise KsmtraceError(f"reading it took more than {self.TIMEOUT:g} s") from None
+        finally:
+            self._child = None
+        if p.returncode != 0:
+            raise KsmtraceError(err.decode(errors="replace").strip()[-500:]
+                                or f"its reader exited with {p.returncode}")
+        try:
+            r = json.loads(out)
+        except ValueError as e:
+            raise KsmtraceError(f"its reader's output is not JSON: {e}") from e
+        if not isinstance(r, dict) or not {"groups", "pairs", "findings", "seconds"} <= set(r):
+            raise KsmtraceError("its reader's output lacks the sharing map's fields")
+        return r
+
     def stop(self) -> None:
         self._halt.set()
+        child = self._child
+        if child is not None and child.poll() is None:
+            child.terminate()
 
 
 def _replay(src, col, exporter, path: str) -> bool:

@@ -60,9 +60,8 @@ from ksmtrace.kernel.pfnreads import (
     read_u64s_parallel,
     reads,
 )
+from ksmtrace.kernel.procfs import PAGE_SIZE
 from ksmtrace.kernel.rootfiles import RootFiles
-
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 PM_PRESENT = 1 << 63
 PM_SWAPPED = 1 << 62

@@ -249,6 +249,7 @@ def read_cpu_ticks(pid: int, root: str | os.PathLike = "/") -> int | None:
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")  # here, not in pagemap: no numpy for it
 
 
 def list_pids(root: str | os.PathLike = "/") -> list[int]:

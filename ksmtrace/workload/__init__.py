@@ -20,7 +20,7 @@ demo, the kernel-tier tests and benchmarks, and as `ksmtrace workload`.
     cli       `ksmtrace workload`
 """
 
-from ksmtrace.kernel.pagemap import PAGE_SIZE
+from ksmtrace.kernel.procfs import PAGE_SIZE
 from ksmtrace.workload.cli import add_cli, main, run_cli
 from ksmtrace.workload.contents import cow_marker, dup_content, new_nonce, page_content
 from ksmtrace.workload.model import (

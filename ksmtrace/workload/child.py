@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ksmtrace.kernel.pagemap import PAGE_SIZE
+from ksmtrace.kernel.procfs import PAGE_SIZE
 from ksmtrace.spawn import python_argv
 from ksmtrace.workload.contents import cow_marker, page_content
 from ksmtrace.workload.model import PAGE_STATES, WorkloadError, WorkloadSpec

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ksmtrace.kernel.pagemap import PAGE_SIZE
+from ksmtrace.kernel.procfs import PAGE_SIZE
 from ksmtrace.workload.model import WorkloadSpec
 
 # ---------------------------------------------------------------------------

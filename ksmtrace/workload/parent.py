@@ -14,7 +14,7 @@ from typing import Any
 from ksmtrace import signals
 from ksmtrace.errors import NoKsm, no_ksm
 from ksmtrace.kernel import procfs
-from ksmtrace.kernel.pagemap import PAGE_SIZE
+from ksmtrace.kernel.procfs import PAGE_SIZE
 from ksmtrace.kernel.sysfs import KsmKnobs, KsmSysfs, ksm_present, read_sysfs
 from ksmtrace.workload.child import ChildHandle
 from ksmtrace.workload.contents import new_nonce
