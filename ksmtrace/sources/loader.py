@@ -179,10 +179,10 @@ def _kind(name: str) -> tuple[str, str]:
         return "tracepoint", f"{cat}:{event}"
     if name.startswith("raw_tracepoint__"):
         return "raw", name[len("raw_tracepoint__"):]
-    if name.startswith("kfunc__"):
-        return "fentry", name[len("kfunc__"):]
-    if name.startswith("kretfunc__"):
-        return "fexit", name[len("kretfunc__"):]
+    for prefix, kind in (("kfunc__", "fentry"), ("kretfunc__", "fexit")):
+        if name.startswith(prefix):
+            # bcc 0.27 and later name the object too: kfunc__vmlinux__<function>
+            return kind, name[len(prefix):].removeprefix("vmlinux__")
     return "kprobe", name
 
 
