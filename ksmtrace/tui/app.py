@@ -8,14 +8,16 @@ read (`feed.watch`), and knob changes (a `KsmKnobs` from the kernel layer).
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable
 
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.css.query import NoMatches
+from textual.reactive import Reactive
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Input, Static
+from textual.widgets import Footer, Input, Static
 
 from ksmtrace.diagnose import diagnose
 from ksmtrace.errors import KsmtraceError
@@ -32,7 +34,7 @@ from ksmtrace.tui.screens import (
     WhyScreen,
 )
 from ksmtrace.tui.sharing import SharingScreen
-from ksmtrace.tui.widgets import ProcessTable, StagePanel, StatusLine, WhyLine
+from ksmtrace.tui.widgets import ProcessTable, StagePanel, StatusLine, TitleHeader, WhyLine
 
 REFRESH = 0.25  # seconds between checks for a new snapshot
 
@@ -62,13 +64,17 @@ class MainScreen(Screen):
         Binding("greater_than_sign", "seek_to(-1)", "end", show=False),
     ]
 
+    # Shown by the header, whose title line repaints itself: a new subtitle
+    # (each frame: the sample time) does not repaint the whole screen.
+    sub_title: Reactive[str | None] = Reactive(None, compute=False, repaint=False)
+
     sort_key = "merging"
     reverse = True
     filter_text = ""
     group_by = "process"
 
     def compose(self) -> ComposeResult:
-        yield Header(show_clock=self.app.clock)
+        yield TitleHeader(show_clock=self.app.clock)
         yield Static(id="banner")
         with Horizontal(id="stages"):
             for stage in ("searching", "merging", "counting", "updating"):
@@ -276,6 +282,18 @@ class KsmtraceApp(App):
     def on_mount(self) -> None:
         self.set_interval(self.refresh_every, self.refresh_view)
         self.call_after_refresh(self.refresh_view, True)
+        self.call_after_refresh(self._freeze_heap)
+
+    def _freeze_heap(self) -> None:
+        """Most of what exists once the first frame is drawn (modules,
+        Textual, the DOM and stylesheet, the source) lives as long as the
+        app, so the cyclic collector's full collections skip it: walking it
+        would stall a frame for tens of milliseconds. Reference counting
+        still frees frozen objects; cycles among them wait for on_unmount."""
+        gc.freeze()
+
+    def on_unmount(self) -> None:
+        gc.unfreeze()
 
     # ------------------------------------------------------------ snapshots
     def refresh_view(self, force: bool = False) -> None:

@@ -9,12 +9,13 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
-from textual.geometry import Size
+from textual.geometry import Region, Size
 from textual.message import Message
 from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
-from textual.widgets import Sparkline, Static
+from textual.widgets import Header, Sparkline, Static
+from textual.widgets._header import HeaderTitle  # what Header composes; not exported
 
 from ksmtrace.diagnose import Finding
 from ksmtrace.kernel.pagemap import PAGE_SIZE, PageMap, PageState
@@ -30,12 +31,16 @@ STAGE_TITLES = {
 
 
 class StagePanel(Vertical):
-    """One of KSM's four stages: live figures and a sparkline of its rate."""
+    """One of KSM's four stages: live figures and a sparkline of its rate.
+    A frame redraws only what changed, and never asks for a layout: the
+    panel's size is set by the stylesheet, not by its figures."""
 
     def __init__(self, stage: str, **kw):
         super().__init__(id=f"stage-{stage}", classes="stage", **kw)
         self.stage = stage
         self.border_title = STAGE_TITLES[stage]
+        name = fmt.STAGE_SPARK[stage]
+        self.border_subtitle = (name or "saved pages").replace("_", " ") + ("/s" if name else "")
         self._last_text: str | None = None
         self._last_series: list[float] | None = None
 
@@ -56,26 +61,40 @@ class StagePanel(Vertical):
             text.append(f.value, style="bold")
         if text.plain != self._last_text:  # unchanged widgets are not redrawn
             self._last_text = text.plain
-            self.query_one(".figures", Static).update(text)
+            self.query_one(".figures", Static).update(text, layout=False)
         series = (fmt.spark_series(history, self.stage) or [0.0])[-max(width, 2):]
         if series != self._last_series:
             self._last_series = series
             self.query_one(Sparkline).data = series
-        name = fmt.STAGE_SPARK[self.stage]
-        self.border_subtitle = (name or "saved pages").replace("_", " ") + (
-            "/s" if name else "")
+
+
+class _Title(HeaderTitle):
+    """The header's title line. Its size is set by the header, so a new
+    subtitle (each frame: the sample time) is repainted without a layout."""
+
+    def update(self, content="", *, layout: bool = False) -> None:
+        super().update(content, layout=layout)
+
+
+class TitleHeader(Header):
+    """Textual's Header, whose title changes without laying out the screen."""
+
+    def compose(self) -> ComposeResult:
+        for widget in super().compose():
+            yield _Title() if type(widget) is HeaderTitle else widget
 
 
 class Memo(Static):
-    """A Static that redraws only when its text changes."""
+    """A one-line Static that redraws only when its text changes. Its size
+    is set by the stylesheet, so a new text is repainted without a layout."""
 
     _memo: str | None = None
 
-    def update(self, content="", **kw) -> None:
+    def update(self, content="", *, layout: bool = False) -> None:
         key = content.plain if isinstance(content, Text) else str(content)
         if key != self._memo:
             self._memo = key
-            super().update(content, **kw)
+            super().update(content, layout=layout)
 
 
 class StatusLine(Memo):
@@ -214,11 +233,19 @@ class PageGrid(ScrollView):
 
 
 # -------------------------------------------------------------- process table
+_UNDRAWN = object()  # the key of a line never drawn: it differs from every key
+
+
 class ProcessTable(ScrollView, can_focus=True):
     """The process table, drawn line by line: only the visible rows are
     formatted, so a frame costs the same with 10 processes or 10,000.
     Up/down/PgUp/PgDn/Home/End move the cursor, Enter selects, a click on the
-    header sorts by that column."""
+    header sorts by that column.
+
+    New rows repaint only the screen lines whose text or style changed:
+    `_drawn[y]` is the key (`_line_key`) line y had when last drawn, and every
+    line whose key differs from it is marked dirty. Scrolling, resizing,
+    focus and cursor moves repaint the whole table."""
 
     BINDINGS = [
         Binding("up", "cursor(-1)", "up", show=False),
@@ -245,21 +272,36 @@ class ProcessTable(ScrollView, can_focus=True):
     CURSOR_DIM = Style(color="black", bgcolor="grey50")
     ZEBRA = Style(bgcolor="grey7")
     EXITED = Style(dim=True, italic=True)
+    LABELS = tuple(c.label for c in fmt.COLUMNS)
 
     def __init__(self, **kw):
         super().__init__(**kw)
         self.rows: list[ProcessRow] = []
         self.cursor_row = 0
         self.observed: frozenset[str] = frozenset()
-        self.workload_width = 8
+        self._workload_width = 8
+        self._widths = self._column_widths(8)
+        self._drawn: dict[int, object] = {}
 
     # ---------------------------------------------------------------- data
     @property
     def row_count(self) -> int:
         return len(self.rows)
 
-    def widths(self) -> list[int]:
-        return [self.workload_width if c.key == "workload" else c.width for c in fmt.COLUMNS]
+    @property
+    def workload_width(self) -> int:
+        return self._workload_width
+
+    @workload_width.setter
+    def workload_width(self, width: int) -> None:
+        if width != self._workload_width:
+            self._workload_width = width
+            self._widths = self._column_widths(width)
+            self.refresh()
+
+    @staticmethod
+    def _column_widths(workload_width: int) -> tuple[int, ...]:
+        return tuple(workload_width if c.key == "workload" else c.width for c in fmt.COLUMNS)
 
     def set_rows(self, rows: list[ProcessRow], observed: frozenset[str]) -> None:
         pid = self.selected_pid()
@@ -268,12 +310,25 @@ class ProcessTable(ScrollView, can_focus=True):
         if pid is not None:
             self.cursor_row = next((i for i, p in enumerate(rows) if p.pid == pid),
                                    min(self.cursor_row, max(len(rows) - 1, 0)))
-        self.virtual_size = Size(sum(w + 2 for w in self.widths()), len(rows) + 1)
+        self.virtual_size = Size(sum(w + 2 for w in self._widths), len(rows) + 1)
         self._follow()
-        self.refresh()
+        self._refresh_changed()
+
+    def _refresh_changed(self) -> None:
+        """Mark dirty every visible line whose key differs from the one drawn,
+        in runs of consecutive lines."""
+        width, height = self.size
+        first = None
+        for y in range(height + 1):
+            changed = y < height and self._line_key(y) != self._drawn.get(y, _UNDRAWN)
+            if changed and first is None:
+                first = y
+            elif not changed and first is not None:
+                self.refresh(Region(0, first, width, y - first))
+                first = None
 
     def get_row_at(self, i: int) -> tuple[str, ...]:
-        return fmt.row_cells(self.rows[i], self.observed, self.workload_width)
+        return fmt.row_cells(self.rows[i], self.observed, self._workload_width)
 
     def selected_pid(self) -> int | None:
         if not self.rows:
@@ -313,7 +368,7 @@ class ProcessTable(ScrollView, can_focus=True):
     def on_click(self, event) -> None:
         if event.y == 0:
             x = event.x + self.scroll_offset.x
-            for col, w in zip(fmt.COLUMNS, self.widths(), strict=True):
+            for col, w in zip(fmt.COLUMNS, self._widths, strict=True):
                 if x < w + 2:
                     self.post_message(self.HeaderClicked(col.key))
                     return
@@ -326,29 +381,30 @@ class ProcessTable(ScrollView, can_focus=True):
             self.move_cursor(row)
 
     # ------------------------------------------------------------- drawing
-    def _line(self, cells: tuple[str, ...], style: Style) -> list[Segment]:
-        out = []
-        for text, w in zip(cells, self.widths(), strict=True):
-            out.append(Segment(" " + text[:w].ljust(w) + " ", style))
-        return out
-
-    def render_line(self, y: int) -> Strip:
-        width = self.scrollable_content_region.width
-        scroll_x, scroll_y = self.scroll_offset
+    def _line_key(self, y: int) -> tuple[tuple[str, ...], Style] | None:
+        """What screen line y shows: its cells and style, None when blank."""
         if y == 0:
-            segs = self._line(tuple(c.label for c in fmt.COLUMNS), self.HEADER)
-            return Strip(segs).crop(scroll_x, scroll_x + width).extend_cell_length(
-                width, self.HEADER)
-        i = scroll_y + y - 1
+            return self.LABELS, self.HEADER
+        i = self.scroll_offset.y + y - 1
         if i >= len(self.rows):
-            return Strip.blank(width, self.rich_style)
+            return None
         if i == self.cursor_row:
             style = self.CURSOR if self.has_focus else self.CURSOR_DIM
         else:
             style = self.ZEBRA if i % 2 else Style()
         if not self.rows[i].alive:  # exited: kept with its last figures
             style = style + self.EXITED
-        segs = self._line(self.get_row_at(i), style)
+        return self.get_row_at(i), style
+
+    def render_line(self, y: int) -> Strip:
+        key = self._drawn[y] = self._line_key(y)
+        width = self.scrollable_content_region.width
+        if key is None:
+            return Strip.blank(width, self.rich_style)
+        cells, style = key
+        scroll_x = self.scroll_offset.x
+        segs = [Segment(" " + text[:w].ljust(w) + " ", style)
+                for text, w in zip(cells, self._widths, strict=True)]
         return Strip(segs).crop(scroll_x, scroll_x + width).extend_cell_length(width, style)
 
     def on_focus(self) -> None:
