@@ -33,6 +33,7 @@ MODULES = [
     ("export_scrape", "exporter scrape time, 1,000 processes"),
     ("tui_frame", "TUI frame time, 1,000 processes"),
     ("pagemap", "page map reader, 4 GiB process and QEMU guest (root)"),
+    ("footprint", "agent start-up (cold/warm) and memory over 10 min of scrapes (root)"),
 ]
 KEYS = ("name", "value", "unit", "target", "met", "note")
 

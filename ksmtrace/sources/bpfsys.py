@@ -272,9 +272,19 @@ def legacy_kretprobe(tracefs: str, function: str, maxactive: int) -> tuple[str, 
     kprobe_events entry named ksmtrace_<pid>_<function>. Returns (its name,
     its tracepoint id); remove it with `remove_legacy`."""
     event = f"ksmtrace_{os.getpid()}_{function}"
-    with open(Path(tracefs) / "kprobe_events", "a") as f:
-        f.write(f"r{maxactive}:kprobes/{event} {function}\n")
+    _kprobe_events(tracefs, f"r{maxactive}:kprobes/{event} {function}\n")
     return event, tracepoint_id(tracefs, "kprobes", event)
+
+
+def _kprobe_events(tracefs: str, line: str) -> None:
+    """One command to kprobe_events: appended, never truncated (O_TRUNC would
+    remove every probe on the system), and without the seek to the end that
+    Python's "a" mode makes, which tracefs refuses."""
+    fd = os.open(Path(tracefs) / "kprobe_events", os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 def attach_legacy(prog_fd: int, tid: int, what: str) -> int:
@@ -284,8 +294,7 @@ def attach_legacy(prog_fd: int, tid: int, what: str) -> int:
 
 def remove_legacy(tracefs: str, event: str) -> None:
     try:
-        with open(Path(tracefs) / "kprobe_events", "a") as f:
-            f.write(f"-:kprobes/{event}\n")
+        _kprobe_events(tracefs, f"-:kprobes/{event}\n")
     except OSError:
         pass  # already gone
 

@@ -46,6 +46,11 @@ def test_compiled_once_then_loaded_from_the_cache(facts, fresh_cache, count_prog
     runs = []
     for _ in range(2):
         with LiveSource(facts, plan, stream=True) as src:
+            # every probe the plan attaches is attached (a failed kretprobe
+            # would only show as missing figures)
+            failed = [(p.probe, p.error) for p in src.probes
+                      if p.method not in (None, "polling") and not p.attached]
+            assert failed == []
             runs.append((src.cached, sorted(src.program_ids()), src.tick().bpf is not None))
             assert count_programs() > before
         assert programs_back_to(before)
