@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    facts = caps.probe_host()
+    facts = caps.probe_host(fresh=True)  # doctor proves the mechanisms again
     plan = caps.plan(facts, None if args.attach == "auto" else args.attach)
     code = exit_code(facts)
     seconds = getattr(args, "cost_seconds", COST_SECONDS)
@@ -164,12 +164,13 @@ def leftovers(facts: caps.Facts, clean: bool) -> dict:
     kernel closed), and the compiled-program cache; removed with `clean`."""
     if not facts.root:
         return {"stale_kprobes": [], "removed": [], "cache": None}
+    from ksmtrace.cache import secure_dir
     from ksmtrace.sources import bundle, loader
 
     stale = loader.stale_kprobes(facts.tracefs)
     removed = loader.remove_stale(facts.tracefs) if clean else []
     cache = bundle.cache_dir()
-    if clean and bundle.secure_dir(cache, create=False):
+    if clean and secure_dir(cache, create=False):
         for f in cache.glob("*.bundle"):
             f.unlink(missing_ok=True)
     n = len(list(cache.glob("*.bundle"))) if cache.is_dir() else 0

@@ -103,6 +103,7 @@ def open_source(args: argparse.Namespace, need_bpf: bool = False, quiet: bool = 
     from ksmtrace.sources.live import LiveSource
 
     facts = caps.probe_host()
+    _give_back_heap()
     plan = caps.plan(facts, None if attach == "auto" else attach)
     if args.ebpf:
         b = probes.build(plan, facts, args.stream)
@@ -123,3 +124,18 @@ def enforce_strict(args: argparse.Namespace, probes: tuple[ProbeStatus, ...]) ->
             "--strict: probes not attached: " + "; ".join(
                 f"{p.probe} ({p.error})" for p in missed),
             "run `ksmtrace doctor` to see why; drop --strict to run with what attaches")
+
+
+def _give_back_heap() -> None:
+    """Probing parses vmlinux BTF and kallsyms (~30 MB of short-lived Python
+    objects); glibc keeps the freed heap mapped for the life of the process.
+    A long-running agent hands it back to the kernel once, here (other libcs
+    have no malloc_trim, and nothing to do)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass

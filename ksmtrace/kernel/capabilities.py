@@ -408,6 +408,42 @@ def bcc_version() -> str | None:
     return None
 
 
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _cached_trials(specs: list[str], env: dict[str, str]) -> dict[str, Trial]:
+    """_run_trials, remembered for this boot of this kernel (what a mechanism
+    can do does not change while the kernel runs): the bcc child that proves
+    them costs ~1 s, most of a warm start. `doctor` always tries again."""
+    import hashlib
+
+    from ksmtrace import cache
+
+    boot = _boot_id()
+    if boot is None:
+        return _run_trials(specs, env)
+    key = hashlib.sha256("\0".join([boot, platform.release(), str(bcc_version()),
+                                      env.get("BCC_KERNEL_SOURCE", ""), *specs]).encode())
+    path = cache.base() / "trials" / f"{key.hexdigest()}.json"
+    data = cache.read(path, 1 << 20)
+    if data is not None:
+        try:
+            raw = json.loads(data)
+            return {s: Trial(d["ok"], str(d["detail"]), tuple(map(str, d["kernel_said"])))
+                    for s, d in raw.items() if s in specs and d["ok"] in (True, False, None)}
+        except (ValueError, KeyError, TypeError):
+            pass  # tried again, and replaced
+    res = _run_trials(specs, env)
+    cache.write(path, json.dumps({s: {"ok": t.ok, "detail": t.detail,
+                                      "kernel_said": list(t.kernel_said)}
+                                  for s, t in res.items()}).encode())
+    return res
+
+
 def _run_trials(specs: list[str], env: dict[str, str]) -> dict[str, Trial]:
     """Load+attach tiny programs in a subprocess (ksmtrace.sources.trial)."""
     r = subprocess.run(
@@ -462,9 +498,11 @@ def explain_failure(trial: str, error: str | None, said: tuple[str, ...]) -> str
 
 
 def probe_host(
-    root: str | os.PathLike = "/", trials: bool = True, mount_tracefs: bool = True
+    root: str | os.PathLike = "/", trials: bool = True, mount_tracefs: bool = True,
+    fresh: bool = False,
 ) -> Facts:
-    """Gather the facts. As root, mounts tracefs if needed and runs the load trials."""
+    """Gather the facts. As root, mounts tracefs if needed and runs the load
+    trials (their results kept for this boot, unless `fresh`)."""
     is_root = os.geteuid() == 0
     ksm = sysfs.ksm_present(root)
     knobs = {k: sysfs.read_knob(k, root) for k in sysfs.KNOBS} if ksm else {}
@@ -508,7 +546,7 @@ def probe_host(
         if tp_target:
             specs.append(f"tracepoint:{tp_target}")
         specs.append("ringbuf")
-        res = _run_trials(specs, env)
+        res = _run_trials(specs, env) if fresh else _cached_trials(specs, env)
         kp = res.get(f"kprobe:{target}", Trial(None, "no KSM function in kallsyms to try"))
         fe = res.get(f"fentry:{btarget}", Trial(None, "no KSM function in BTF to try"))
         tp = res.get(f"tracepoint:{tp_target}", Trial(None, "no tracepoint to try"))

@@ -24,13 +24,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import msgspec
 
+from ksmtrace import cache
 from ksmtrace.errors import KsmtraceError, NoHeaders
 from ksmtrace.sources import bpfsys
 
@@ -159,58 +159,13 @@ def build_key(source: Path, cflags: tuple[str, ...], headers: str | None,
 
 # ---------------------------------------------------------------- the cache
 def cache_dir() -> Path:
-    base = Path(os.environ.get("KSMTRACE_CACHE", "/var/cache/ksmtrace"))
-    return base / "bpf"
-
-
-def _trusted(st: os.stat_result, directory: bool) -> bool:
-    kind = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
-    mask = 0o022 if directory else 0o077
-    return kind and st.st_uid == os.geteuid() == 0 and not st.st_mode & mask
-
-
-def secure_dir(path: Path, create: bool) -> bool:
-    """Whether every directory from / to `path` is owned by root, writable
-    by no one else and not a symlink (made 0700 where missing, if `create`)."""
-    if os.geteuid() != 0:
-        return False
-    cur = Path("/")
-    for part in Path(os.path.abspath(path)).parts[1:]:
-        cur = cur / part
-        try:
-            st = os.lstat(cur)
-        except FileNotFoundError:
-            if not create:
-                return False
-            try:
-                os.mkdir(cur, 0o700)
-                st = os.lstat(cur)
-            except OSError:
-                return False
-        except OSError:
-            return False
-        if stat.S_ISLNK(st.st_mode) or not _trusted(st, True):
-            # a world-writable sticky parent (/tmp) is not trusted either
-            return False
-    return True
+    return cache.base() / "bpf"
 
 
 def read_cached(key: str) -> Bundle | None:
-    d = cache_dir()
-    if not secure_dir(d, create=False):
+    data = cache.read(cache_dir() / f"{key}.bundle", MAX_BYTES)
+    if data is None:
         return None
-    try:
-        fd = os.open(d / f"{key}.bundle", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not _trusted(st, False) or st.st_size > MAX_BYTES:
-            return None
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_BYTES + 1)
-    finally:
-        os.close(fd)
     try:
         return check(msgspec.msgpack.decode(data, type=Bundle), key)
     except (msgspec.ValidationError, msgspec.DecodeError, BadBundle):
@@ -218,23 +173,7 @@ def read_cached(key: str) -> Bundle | None:
 
 
 def write_cached(b: Bundle) -> None:
-    d = cache_dir()
-    if not secure_dir(d, create=True):
-        return
-    tmp = d / f".{b.key}.{os.getpid()}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(msgspec.msgpack.encode(b))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, d / f"{b.key}.bundle")
-    except OSError:
-        tmp.unlink(missing_ok=True)
+    cache.write(cache_dir() / f"{b.key}.bundle", msgspec.msgpack.encode(b))
 
 
 # -------------------------------------------------------------- compiling

@@ -12,6 +12,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from ksmtrace import cache as kcache
 from ksmtrace.sources import bundle as bmod
 from ksmtrace.sources.bundle import BadBundle, Bundle, MapSpec, ProgSpec
 
@@ -141,7 +142,7 @@ def test_cache_entries_not_to_trust_are_ignored(cache, tmp_path, spoil):
 
 def test_no_cache_where_the_directory_is_not_root_only(monkeypatch, tmp_path):
     monkeypatch.setenv("KSMTRACE_CACHE", str(tmp_path))  # under /tmp: world-writable
-    assert not bmod.secure_dir(bmod.cache_dir(), create=True)
+    assert not kcache.secure_dir(bmod.cache_dir(), create=True)
     bmod.write_cached(REAL)
     assert not (tmp_path / "bpf").exists()
     assert bmod.read_cached(REAL.key) is None
