@@ -604,6 +604,13 @@ def test_function_probe_panels_return_data_from_a_real_prometheus(facts, quiet_k
                 merged = m.pages_shared + m.pages_sharing
                 assert merged == sum(w.expected().merging_pages) == 1200
                 scraped_after(prom, time.time())
+                # the sharing map is read by a child every 2 s (several seconds
+                # each under TCG): the two processes share frames until they
+                # unmerge, so the panel's data must be in before that
+                for _ in range(600):
+                    if prom.query("ksmtrace_sharing_bytes"):
+                        break
+                    time.sleep(0.2)
                 # every merge traced, each with its latency: == Δshared + Δsharing
                 assert prom.value('sum(ksmtrace_merges_total{result="ok"})') == merged
                 assert prom.value('sum(ksmtrace_merges_total{result="failed"})') == 0
