@@ -16,6 +16,7 @@ import pytest
 
 from ksmtrace.kernel import capabilities as caps
 from ksmtrace.kernel import tracefs
+from ksmtrace.sources import loader
 from ksmtrace.sources.live import LiveSource
 
 pytestmark = [pytest.mark.kernel, pytest.mark.vm, pytest.mark.traced]
@@ -29,12 +30,12 @@ def fresh_cache(monkeypatch):
     shutil.rmtree(base)
 
 
-def kprobe_entries() -> list[str]:
+def kprobe_entries() -> set[str]:
     path = Path(tracefs.find_tracefs() or "/sys/kernel/tracing") / "kprobe_events"
     try:
-        return [ln for ln in path.read_text().splitlines() if "ksmtrace_" in ln]
+        return {ln for ln in path.read_text().splitlines() if "ksmtrace_" in ln}
     except OSError:
-        return []
+        return set()
 
 
 def test_compiled_once_then_loaded_from_the_cache(facts, fresh_cache, count_programs,
@@ -42,7 +43,7 @@ def test_compiled_once_then_loaded_from_the_cache(facts, fresh_cache, count_prog
     """The first start compiles (cold), the second loads the cached bundle
     (warm); both attach the same programs, and closing leaves nothing."""
     plan = caps.plan(facts, os.environ.get("KSMTRACE_ATTACH"))
-    before = count_programs()
+    before, entries = count_programs(), kprobe_entries()
     runs = []
     for _ in range(2):
         with LiveSource(facts, plan, stream=True) as src:
@@ -54,7 +55,7 @@ def test_compiled_once_then_loaded_from_the_cache(facts, fresh_cache, count_prog
             runs.append((src.cached, sorted(src.program_ids()), src.tick().bpf is not None))
             assert count_programs() > before
         assert programs_back_to(before)
-        assert kprobe_entries() == []
+        assert kprobe_entries() == entries
     assert [r[0] for r in runs] == [False, True]
     assert runs[0][1:] == runs[1][1:] and runs[0][2]
     (entry,) = fresh_cache.iterdir()
@@ -64,7 +65,7 @@ def test_compiled_once_then_loaded_from_the_cache(facts, fresh_cache, count_prog
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_the_agent_maps_no_llvm_and_leaves_nothing_when_killed(sig, count_programs,
                                                               programs_back_to):
-    before = count_programs()
+    before, entries = count_programs(), kprobe_entries()
     p = subprocess.Popen([sys.executable, "-m", "ksmtrace", "stat", "0.2"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -83,5 +84,12 @@ def test_the_agent_maps_no_llvm_and_leaves_nothing_when_killed(sig, count_progra
             p.wait()
     assert "Traceback" not in p.stderr.read()
     assert programs_back_to(before)
-    if sig == signal.SIGTERM:  # a SIGKILLed kprobe run leaves its entry to doctor
-        assert kprobe_entries() == []
+    left = kprobe_entries() - entries
+    if sig == signal.SIGTERM:
+        assert left == set()
+    else:  # a SIGKILLed kprobe run leaves its kretprobe entries: doctor's to clean
+        tfs = tracefs.find_tracefs()
+        mine = {e for e in loader.stale_kprobes(tfs) if e.startswith(f"ksmtrace_{p.pid}_")}
+        assert {ln.split()[0].split("/")[1] for ln in left} == mine
+        assert set(loader.remove_stale(tfs)) >= mine
+        assert kprobe_entries() - entries == set()
