@@ -165,15 +165,20 @@ def test_top_demo_in_tmux_agrees_with_sysfs_and_leaves_nothing_behind(quiet_ksm,
         # the sharing screen, read off the UI thread: the demo's four processes
         # map the same KSM frames, drawn as the same letters side by side
         subprocess.run(["tmux", "send-keys", "-t", name, "x"], check=True)
-        for _ in range(300):
+
+        def side_by_side(screen: str) -> bool:
+            maps = [ln for ln in screen.splitlines() if ln.count("│") >= 3]
+            return any(re.search(r"│ [A-Za-z0-9·]{8}", ln) for ln in maps)
+
+        for _ in range(300):  # the matrix is drawn first, the maps after it
             screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", name],
                                     capture_output=True, text=True, check=True).stdout
-            if "KSM pages mapped" in screen and "frames in common" in screen:
+            if "KSM pages mapped" in screen and "frames in common" in screen \
+                    and side_by_side(screen):
                 break
             time.sleep(0.1)
         assert "4 KSM processes" in screen, screen
-        maps = [ln for ln in screen.splitlines() if ln.count("│") >= 3]
-        assert any(re.search(r"│ [A-Za-z0-9·]{8}", ln) for ln in maps), screen
+        assert side_by_side(screen), screen
         subprocess.run(["tmux", "send-keys", "-t", name, "Escape"], check=True)
         for _ in range(300):  # back on the main screen (Esc then q at once reads as alt+q)
             screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", name],
