@@ -18,27 +18,26 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
-import platform
 
 from ksmtrace.model import ProgramCost
 
 BPF_ENABLE_STATS = 32  # enum bpf_cmd
 BPF_STATS_RUN_TIME = 0
-_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "s390x": 351, "ppc64le": 361}
 SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 
 
 def enable_stats_fd() -> tuple[int, str | None]:
     """(fd, None) with stats on while fd is open, or (-1, why not)."""
-    nr = _BPF_SYSCALL.get(platform.machine())
-    if nr is None:
-        return -1, f"no bpf syscall number known for {platform.machine()}"
-    libc = ctypes.CDLL(None, use_errno=True)
+    from ksmtrace.errors import KsmtraceError
+    from ksmtrace.sources.bpfsys import bpf
+
     attr = (ctypes.c_uint32 * 30)()  # union bpf_attr, zeroed: enable_stats.type = RUN_TIME
     attr[0] = BPF_STATS_RUN_TIME
-    fd = libc.syscall(nr, BPF_ENABLE_STATS, ctypes.byref(attr), ctypes.sizeof(attr))
+    try:
+        fd, err = bpf(BPF_ENABLE_STATS, attr)
+    except KsmtraceError as e:  # no bpf syscall number for this architecture
+        return -1, e.message
     if fd < 0:
-        err = ctypes.get_errno()
         return -1, f"bpf(BPF_ENABLE_STATS): {os.strerror(err)}"
     return fd, None
 

@@ -12,6 +12,7 @@ attached, except a legacy kretprobe's kprobe_events entry (see
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import struct
@@ -33,8 +34,7 @@ PROG_LOAD, RAW_TRACEPOINT_OPEN, MAP_LOOKUP_BATCH = 5, 17, 24
 PROG_KPROBE, PROG_TRACEPOINT, PROG_RAW_TRACEPOINT, PROG_TRACING = 2, 5, 17, 26
 TRACE_FENTRY, TRACE_FEXIT = 24, 25
 # enum bpf_map_type
-MAP_HASH, MAP_ARRAY, MAP_PERF_EVENT_ARRAY, MAP_PERCPU_ARRAY, MAP_LRU_HASH, MAP_RINGBUF = (
-    1, 2, 4, 6, 9, 27)
+MAP_HASH, MAP_ARRAY, MAP_PERCPU_ARRAY, MAP_LRU_HASH, MAP_RINGBUF = 1, 2, 6, 9, 27
 MAP_TYPES = frozenset({MAP_HASH, MAP_ARRAY, MAP_PERCPU_ARRAY, MAP_LRU_HASH, MAP_RINGBUF})
 # perf
 PERF_TYPE_TRACEPOINT = 2
@@ -63,11 +63,25 @@ def _numbers() -> tuple[int, int]:
     return nrs
 
 
-def _bpf(cmd: int, attr: ctypes.Structure, what: str) -> int:
+def bpf(cmd: int, attr: ctypes.Structure | ctypes.Array) -> tuple[int, int]:
+    """bpf(cmd, attr): (result, errno); the result is negative on failure."""
     r = _libc.syscall(_numbers()[0], cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    return int(r), (ctypes.get_errno() if r < 0 else 0)
+
+
+def _bpf(cmd: int, attr: ctypes.Structure, what: str) -> int:
+    r, err = bpf(cmd, attr)
     if r < 0:
-        raise BpfError(what, ctypes.get_errno())
-    return int(r)
+        raise BpfError(what, err)
+    return r
+
+
+def _found(cmd: int, attr: ctypes.Structure, what: str) -> bool:
+    """A map command that may find nothing: False on ENOENT."""
+    r, err = bpf(cmd, attr)
+    if r < 0 and err != errno.ENOENT:
+        raise BpfError(what, err)
+    return r >= 0
 
 
 class _MapCreate(ctypes.Structure):
@@ -127,14 +141,8 @@ def _addr(buf: ctypes.Array | None) -> int:
 
 def lookup(fd: int, key: ctypes.Array, value: ctypes.Array) -> bool:
     """Fills `value`; False when the key is not there."""
-    attr = _Elem(fd, 0, _addr(key), _addr(value), 0)
-    r = _libc.syscall(_numbers()[0], MAP_LOOKUP_ELEM, ctypes.byref(attr), ctypes.sizeof(attr))
-    if r < 0:
-        err = ctypes.get_errno()
-        if err == 2:  # ENOENT
-            return False
-        raise BpfError("reading a BPF map", err)
-    return True
+    return _found(MAP_LOOKUP_ELEM, _Elem(fd, 0, _addr(key), _addr(value), 0),
+                  "reading a BPF map")
 
 
 def update(fd: int, key: ctypes.Array, value: ctypes.Array) -> None:
@@ -142,26 +150,13 @@ def update(fd: int, key: ctypes.Array, value: ctypes.Array) -> None:
 
 
 def delete(fd: int, key: ctypes.Array) -> bool:
-    attr = _Elem(fd, 0, _addr(key), 0, 0)
-    r = _libc.syscall(_numbers()[0], MAP_DELETE_ELEM, ctypes.byref(attr), ctypes.sizeof(attr))
-    if r < 0:
-        err = ctypes.get_errno()
-        if err == 2:
-            return False
-        raise BpfError("deleting from a BPF map", err)
-    return True
+    return _found(MAP_DELETE_ELEM, _Elem(fd, 0, _addr(key), 0, 0), "deleting from a BPF map")
 
 
 def next_key(fd: int, key: ctypes.Array | None, out: ctypes.Array) -> bool:
     """The key after `key` (the first with None) into `out`; False at the end."""
-    attr = _Elem(fd, 0, _addr(key), _addr(out), 0)
-    r = _libc.syscall(_numbers()[0], MAP_GET_NEXT_KEY, ctypes.byref(attr), ctypes.sizeof(attr))
-    if r < 0:
-        err = ctypes.get_errno()
-        if err == 2:
-            return False
-        raise BpfError("walking a BPF map", err)
-    return True
+    return _found(MAP_GET_NEXT_KEY, _Elem(fd, 0, _addr(key), _addr(out), 0),
+                  "walking a BPF map")
 
 
 def lookup_batch(fd: int, keys: ctypes.Array, values: ctypes.Array, count: int,
@@ -171,13 +166,8 @@ def lookup_batch(fd: int, keys: ctypes.Array, values: ctypes.Array, count: int,
     from call to call."""
     attr = _Batch(0 if first else _addr(token), _addr(token), _addr(keys), _addr(values),
                   count, fd, 0, 0)
-    r = _libc.syscall(_numbers()[0], MAP_LOOKUP_BATCH, ctypes.byref(attr), ctypes.sizeof(attr))
-    if r < 0:
-        err = ctypes.get_errno()
-        if err == 2:  # ENOENT: this batch is the last (count may be > 0)
-            return attr.count, True
-        raise BpfError("reading a BPF map in batches", err)
-    return attr.count, False
+    more = _found(MAP_LOOKUP_BATCH, attr, "reading a BPF map in batches")
+    return attr.count, not more  # ENOENT: this batch is the last (count may be > 0)
 
 
 def prog_load(prog_type: int, insns: bytes, name: str, license_: bytes, kern_version: int,
@@ -189,15 +179,14 @@ def prog_load(prog_type: int, insns: bytes, name: str, license_: bytes, kern_ver
                      license=ctypes.addressof(lic), kern_version=kern_version,
                      prog_name=obj_name(name), expected_attach_type=attach_type,
                      attach_btf_id=attach_btf_id)
-    r = _libc.syscall(_numbers()[0], PROG_LOAD, ctypes.byref(attr), ctypes.sizeof(attr))
+    r, err = bpf(PROG_LOAD, attr)
     if r >= 0:
-        return int(r)
-    err = ctypes.get_errno()
+        return r
     log = ctypes.create_string_buffer(LOG_SIZE)
     attr.log_level, attr.log_size, attr.log_buf = 1, LOG_SIZE, ctypes.addressof(log)
-    r = _libc.syscall(_numbers()[0], PROG_LOAD, ctypes.byref(attr), ctypes.sizeof(attr))
+    r, _ = bpf(PROG_LOAD, attr)
     if r >= 0:  # loaded with the log on: keep it
-        return int(r)
+        return r
     text = log.value.decode(errors="replace").strip().splitlines()
     raise BpfError(f"the kernel refused BPF program {name}", err,
                    log="\n".join(text[-20:]))
