@@ -117,6 +117,22 @@ class PageInfo:
     mappers: int | None  # PTEs mapping the pfn (kpagecount); None when absent
 
 
+def _vma_header(line: str) -> tuple[int, int, str, str] | None:
+    """(start, end, perms, path) of a maps line or smaps header, "start-end
+    perms offset dev inode [path]" (the path may contain spaces); None for
+    any other line."""
+    first = line.split(" ", 1)[0]
+    if "-" not in first or ":" in first:
+        return None
+    fields = line.split(None, 5)
+    lo, _, hi = fields[0].partition("-")
+    try:
+        return (int(lo, 16), int(hi, 16), fields[1] if len(fields) > 1 else "",
+                fields[5] if len(fields) > 5 else "")
+    except ValueError:
+        return None
+
+
 def parse_smaps_areas(text: str) -> list[Area]:
     """Areas of smaps text whose VmFlags contain `mg`."""
     areas: list[Area] = []
@@ -133,16 +149,8 @@ def parse_smaps_areas(text: str) -> list[Area]:
             if len(fields) == 3 and fields[1].isdigit() and fields[2] == "kB":
                 ksm = int(fields[1]) * 1024 // PAGE_SIZE
             continue
-        first = line.split(" ", 1)[0]
-        if "-" in first and ":" not in first:
-            # "start-end perms offset dev inode [path]": path may contain spaces.
-            fields = line.split(None, 5)
-            lo, _, hi = fields[0].partition("-")
-            try:
-                header = (int(lo, 16), int(hi, 16), fields[5] if len(fields) > 5 else "")
-            except ValueError:
-                header = None
-            ksm = None
+        if (vma := _vma_header(line)) is not None:
+            header, ksm = (vma[0], vma[1], vma[3]), None
     return areas
 
 
@@ -351,13 +359,10 @@ def _maps_guesses(files: RootFiles, pid: int) -> list[Area]:
         return []  # read nothing ahead: smaps then says what is wrong
     out = []
     for line in text.splitlines():
-        fields = line.split(None, 2)
-        lo, _, hi = fields[0].partition("-") if fields else ("", "", "")
-        try:
-            area = Area(int(lo, 16), int(hi, 16))
-        except ValueError:
+        vma = _vma_header(line)
+        if vma is None:
             continue
-        perms = fields[1] if len(fields) > 1 else ""
+        area, perms = Area(vma[0], vma[1]), vma[2]
         if perms[1:2] == "w" and perms[3:4] == "p" and area.pages >= _AHEAD:
             out.append(area)
     return out
