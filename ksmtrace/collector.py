@@ -27,6 +27,7 @@ from ksmtrace.model import (
 from ksmtrace.sources import Source
 
 MAX_EXITED = 256  # exited processes kept in the table (most recent)
+RETIRED = -1  # the forgotten processes' COW-estimate weights and shares, pooled
 EVENT_TAIL = 512  # events kept per snapshot for views (all are recorded)
 ALL_EVENTS = None  # event_tail for views that show every event (trace, timeline)
 
@@ -252,6 +253,14 @@ class Collector:
         exited = [pid for pid, p in self._procs.items() if not p.alive]
         for pid in exited[: max(0, len(exited) - MAX_EXITED)]:
             del self._procs[pid]
+        # the COW estimate's tables too: a forgotten pid's faults and share
+        # join one pool, which keeps its weight in the split (the others'
+        # shares stay what they were) and is given to no row
+        for pid in [pid for pid in self._wp_total.keys() | self._cow_given.keys()
+                    if pid > 0 and pid not in self._procs]:
+            for table in (self._wp_total, self._cow_given):
+                if n := table.pop(pid, 0):
+                    table[RETIRED] = table.get(RETIRED, 0) + n
 
     def _rows(self, tick: Tick, interval: float) -> tuple[ProcessRow, ...]:
         stats = {ps.pid: ps for ps in tick.counters.processes}
