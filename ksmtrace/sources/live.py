@@ -319,6 +319,9 @@ class LiveSource:
         which the RESOLVER program sees (bpf/ksmtrace.bpf.c)."""
         if "RESOLVER" not in self.spec.parts:
             return
+        # bounded under churn: only the pids still listed stay done (a pid
+        # that comes back is a new process, whose owner is learnt afresh)
+        self._resolved.intersection_update(pids)
         known = self._owner_pids  # from the previous tick's read of the map
         todo = [pid for pid in pids
                 if pid not in known and pid not in self._resolved and pid != os.getpid()]

@@ -1,19 +1,24 @@
 """Memory under process churn (issue #15): thousands of short-lived KSM
 processes, each merging and breaking a page, leave the collector's tables
-bounded by the live processes plus MAX_EXITED (the COW estimate's included)."""
+bounded by the live processes plus MAX_EXITED (the COW estimate's included),
+and the live source's by the live processes."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from ksmtrace.collector import MAX_EXITED, Collector
+from ksmtrace.kernel import capabilities as caps
 from ksmtrace.kernel.procfs import KsmStat
 from ksmtrace.model import BpfTotals, MmStats, ProcessSample, Snapshot, Tick
 from ksmtrace.record import Recording
+from ksmtrace.sources.live import KEY_U64, OWNER, LiveSource
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "recordings" / \
     "host-6.18-workload.ksmrec"
+FACTS = Path(__file__).resolve().parent.parent / "fixtures" / "facts" / "host-6.18.json"
 ALIVE = 20
 
 
@@ -59,3 +64,47 @@ def test_cow_estimate_tables_stay_bounded_and_the_rows_still_sum():
     assert len(rows) == MAX_EXITED and all(r.cow_breaks == 1 for r in rows)
     assert snap.totals["cow_ksm"] == 5000
 
+
+class _Map:
+    def __init__(self):
+        self.entries: dict[bytes, bytes] = {}
+
+    def items(self):
+        return list(self.entries.items())
+
+    def set(self, key: bytes, value: bytes) -> None:
+        pass
+
+
+class _Loaded:
+    """What resolve_owners uses of the loaded programs: the resolver's
+    attach and detach, the resolve request map and the owners map, in which
+    every pid asked for is found (ksm_enter named it)."""
+
+    def __init__(self):
+        self.maps = {"owners": _Map(), "resolve": _Map()}
+
+    def attach(self, name: str) -> None:
+        pass
+
+    def detach(self, name: str) -> None:
+        pass
+
+    def own(self, pids) -> None:
+        self.maps["owners"].entries = {KEY_U64.pack(pid * 64): OWNER.pack(pid, b"ksmchurn")
+                                       for pid in pids}
+
+
+def test_live_source_forgets_the_pids_it_resolved_once_they_are_gone():
+    facts = caps.Facts.from_dict(json.loads(FACTS.read_text()))
+    src = LiveSource(facts, caps.plan(facts))
+    assert "RESOLVER" in src.spec.parts
+    src._bpf = loaded = _Loaded()
+    for first in range(0, 5000, ALIVE):
+        pids = list(range(10**6 + first, 10**6 + first + ALIVE))
+        loaded.own(pids)
+        src.resolve_owners(pids)  # started since the last tick: resolved, found
+        src._owner_pids = set(pids)
+        src.resolve_owners(pids)  # the next tick: known
+    assert src._resolved == set(pids)
+    assert len(src._resolve_tries) == 0
