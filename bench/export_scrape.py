@@ -28,12 +28,11 @@ PROCESSES = 1000
 
 
 def _snapshot(processes: int):
-    from ksmtrace.collector import Collector
+    from ksmtrace.collector import observe
     from ksmtrace.sources.replay import ReplaySource
 
-    with ReplaySource(RECORDING, warn=None) as src:
-        col = Collector.for_source(src)
-        snaps = [col.add_tick(t) for t in src.ticks()]
+    with observe(ReplaySource(RECORDING, warn=None)) as obs:
+        snaps = list(obs.snapshots())
     base = next(s for s in snaps if s.processes and all(r.alive for r in s.processes))
     rows = [dataclasses.replace(base.processes[i % len(base.processes)], pid=100000 + i,
                                 cgroup=f"/machine.slice/vm-{i % 50:02d}.scope",

@@ -47,18 +47,17 @@ def _write_burst(path: Path, ticks: int) -> int:
 
 
 def _parse(path: Path, through_collector: bool = False) -> float:
-    from ksmtrace.collector import Collector
+    from ksmtrace.collector import observe
     from ksmtrace.model import EVENT_SIZE
     from ksmtrace.sources.replay import ReplaySource
 
     t0 = time.perf_counter()
     n = 0
-    with ReplaySource(path, warn=None) as src:
-        col = Collector.for_source(src)
-        for t in src.ticks():
+    with observe(ReplaySource(path, warn=None)) as obs:
+        for t in obs.src.ticks():
             n += len(t.events) // EVENT_SIZE
             if through_collector:
-                col.add_tick(t)
+                obs.collector.add_tick(t)
     return n / (time.perf_counter() - t0)
 
 

@@ -42,10 +42,11 @@ FRAME_SNAPSHOTS = range(5, 11)  # shown in turn, each with the snapshots before 
 
 
 def _snapshots(processes: int):
+    from ksmtrace.collector import observe
     from ksmtrace.feed import ReplayFeed
     from ksmtrace.sources.replay import ReplaySource
 
-    feed = ReplayFeed(ReplaySource(RECORDING, warn=None)).start()
+    feed = ReplayFeed(observe(ReplaySource(RECORDING, warn=None))).start()
     feed.wait_loaded()
     base = feed.snapshots[5]
     snaps = list(feed.snapshots)

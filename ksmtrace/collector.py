@@ -9,6 +9,7 @@ kept for live pids plus a bounded set of recently exited ones.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ksmtrace.figures import AGGREGATES, COUNTER_SLOTS, RATES, aggregate
@@ -30,6 +31,43 @@ MAX_EXITED = 256  # exited processes kept in the table (most recent)
 RETIRED = -1  # the forgotten processes' COW-estimate weights and shares, pooled
 EVENT_TAIL = 512  # events kept per snapshot for views (all are recorded)
 ALL_EVENTS = None  # event_tail for views that show every event (trace, timeline)
+
+
+def observe(src: Source, event_tail: int | None = EVENT_TAIL) -> Observed:
+    """A source together with its collector: how every command, feed, bench
+    and test reads figures. Entering it enters the source (probes attached,
+    files opened); leaving it leaves the source on every path."""
+    return Observed(src, event_tail)
+
+
+class Observed:
+    def __init__(self, src: Source, event_tail: int | None = EVENT_TAIL):
+        self.src = src
+        self._event_tail = event_tail
+        self._collector: Collector | None = None
+
+    @property
+    def collector(self) -> Collector:
+        """Made on first use: a live source knows its probes once attached."""
+        if self._collector is None:
+            self._collector = Collector.for_source(self.src, self._event_tail)
+        return self._collector
+
+    def __enter__(self) -> Observed:
+        self.src.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.src.__exit__(*exc)
+
+    def sample(self) -> Snapshot:
+        """A tick read now, aggregated."""
+        return self.collector.add_tick(self.src.tick())
+
+    def snapshots(self, interval: float = 0.0, count: int = 0) -> Iterator[Snapshot]:
+        """The source's ticks (see Source.ticks), aggregated one by one."""
+        for tick in self.src.ticks(interval, count):
+            yield self.collector.add_tick(tick)
 
 
 def kernel_counter(s: CounterSample, name: str) -> int | None:

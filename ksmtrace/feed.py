@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 
-from ksmtrace.collector import Collector
+from ksmtrace.collector import Observed
 from ksmtrace.errors import KsmtraceError
 from ksmtrace.model import Snapshot
 
@@ -21,16 +21,16 @@ HISTORY = 120  # snapshots kept for sparklines
 
 
 class LiveFeed:
-    """Snapshots from an entered source (live or sysfs-only), one per
-    `interval`, computed on a daemon thread."""
+    """Snapshots from an entered source (live or sysfs-only) and its
+    collector, one per `interval`, computed on a daemon thread."""
 
     seekable = False
 
-    def __init__(self, source, interval: float = 1.0, history: int = HISTORY):
-        self.source = source
-        self.kind = source.kind
+    def __init__(self, observed: Observed, interval: float = 1.0, history: int = HISTORY):
+        self.observed = observed
+        self.source = observed.src
+        self.kind = observed.src.kind
         self.interval = interval
-        self.collector = Collector.for_source(source)
         self._history: deque[Snapshot] = deque(maxlen=history)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -62,10 +62,10 @@ class LiveFeed:
 
     def _run(self) -> None:
         try:
-            for tick in self.source.ticks(self.interval):
+            for snap in self.observed.snapshots(self.interval):
                 if self._stop.is_set():
                     return
-                self._history.append(self.collector.add_tick(tick))
+                self._history.append(snap)
         except BaseException as e:  # shown by the view, which then exits
             self.error = e
 
@@ -97,10 +97,10 @@ class ReplayFeed:
     seekable = True
     SPEEDS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)
 
-    def __init__(self, source, speed: float = 1.0, history: int = HISTORY):
-        self.source = source
-        self.path = str(getattr(source.recording, "path", ""))
-        self.collector = Collector.for_source(source)
+    def __init__(self, observed: Observed, speed: float = 1.0, history: int = HISTORY):
+        self.observed = observed
+        self.source = observed.src
+        self.path = str(getattr(self.source.recording, "path", ""))
         self.snapshots: list[Snapshot] = []
         self.loaded = False
         self.error: BaseException | None = None
@@ -131,8 +131,7 @@ class ReplayFeed:
 
     def _load(self) -> None:
         try:
-            for tick in self.source.ticks():
-                snap = self.collector.add_tick(tick)
+            for snap in self.observed.snapshots():
                 with self._lock:
                     self.snapshots.append(snap)
         except BaseException as e:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ksmtrace import argtypes, session
-from ksmtrace.collector import ALL_EVENTS, Collector
+from ksmtrace.collector import ALL_EVENTS, observe
 from ksmtrace.errors import BadRecording, KsmtraceError
 from ksmtrace.figures import (
     MERGE_KIND_TEXT,
@@ -190,10 +190,10 @@ def replay(path: str) -> Replayed:
     n = 0
     kinds: dict[int, int] = {}
     # a cut-off end is warned about after reading: one inside the first tick is an error
-    with ReplaySource(path, warn=None) as src:
-        col = Collector.for_source(src)
+    src = ReplaySource(path, warn=None)
+    with observe(src) as obs:
         for tick in src.ticks():
-            last = col.add_tick(tick)  # snapshots are totals since start: keep two
+            last = obs.collector.add_tick(tick)  # snapshots are totals since start: keep two
             first = first or last
             n += 1
             count_kinds(tick.events, kinds)
@@ -447,9 +447,7 @@ def _timeline_events(src: ReplaySource) -> tuple[list[dict[str, Any]], dict[int,
     starts: dict[int, int] = {}  # scan seq -> start ns
     names: dict[int, str] = {}
     ksmd = None
-    col = Collector.for_source(src, ALL_EVENTS)
-    for tick in src.ticks():
-        snap = col.add_tick(tick)
+    for snap in observe(src, ALL_EVENTS).snapshots():
         for pid, comm in snap.comms.items():
             names.setdefault(pid, comm)
         k = snap.ksm

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 
 from ksmtrace import argtypes, session
-from ksmtrace.collector import Collector
+from ksmtrace.collector import observe
 from ksmtrace.errors import not_root
 from ksmtrace.grouping import GROUPS, group_rows, workload_of
 from ksmtrace.model import Snapshot
@@ -133,17 +133,15 @@ def header_lines(src, snap: Snapshot) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     src = session.open_source(args)
-    with src:  # attach first, so the demo's first merges are traced too
+    with observe(src) as obs:  # attach first, so the demo's first merges are traced too
         session.enforce_strict(args, src.probes)
         demo_ctx = demo() if args.demo else contextlib.nullcontext([])
         with demo_ctx as demo_pids:
             if demo_pids and args.pid is None:
                 src.pids = list(demo_pids)
-            col = Collector.for_source(src)
             printed = 0
-            for tick in src.ticks(args.interval, args.count):
-                snap = col.add_tick(tick)
-                if tick.seq == 1:
+            for snap in obs.snapshots(args.interval, args.count):
+                if snap.seq == 1:
                     if not args.json:
                         print("\n".join(header_lines(src, snap)), flush=True)
                         print(HEADER, flush=True)

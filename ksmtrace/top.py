@@ -64,13 +64,14 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    from ksmtrace.collector import observe
     from ksmtrace.feed import LiveFeed, ReplayFeed
 
     if args.replay:
         from ksmtrace.sources.replay import ReplaySource
 
-        src = ReplaySource(args.replay, warn=None)
-        with src, ReplayFeed(src, speed=args.speed) as feed:
+        with observe(ReplaySource(args.replay, warn=None)) as obs, \
+                ReplayFeed(obs, speed=args.speed) as feed:
             return _run_app(feed, None, demo_mode=False, stream_off=False)
 
     if args.demo and os.geteuid() != 0:
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if src.kind == "live":
         print("ksmtrace top: compiling and attaching the BPF programs…", file=sys.stderr,
               flush=True)
-    with src:  # attach first, so the demo's first merges are traced too
+    with observe(src) as obs:  # attach first, so the demo's first merges are traced too
         session.enforce_strict(args, src.probes)
         demo_ctx = contextlib.nullcontext([])
         if args.demo:
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
                 knobs = KsmKnobs()
             try:
-                with LiveFeed(src, args.interval) as feed:
+                with LiveFeed(obs, args.interval) as feed:
                     return _run_app(feed, knobs, demo_mode=args.demo,
                                     stream_off=not args.stream)
             finally:

@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict
 
 from ksmtrace import argtypes, session
-from ksmtrace.collector import ALL_EVENTS, Collector
+from ksmtrace.collector import ALL_EVENTS, observe
 from ksmtrace.kernel.capabilities import STAGES
 from ksmtrace.model import EventKind
 
@@ -45,9 +45,8 @@ def run(args: argparse.Namespace) -> int:
     src = session.open_source(args, need_bpf=True)
     stages = set(args.stage or STAGES)
     wanted = set(args.pid or [])
-    with src:
+    with observe(src, ALL_EVENTS) as obs:
         session.enforce_strict(args, src.probes)
-        col = Collector.for_source(src, ALL_EVENTS)
         if not args.json:
             for line in session.describe_probes(src.probes):
                 print(f"# {line}", file=sys.stderr)
@@ -56,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
         t0 = None
         lost = 0
         count = int(args.duration / 0.2) if args.duration else 0
-        for tick in src.ticks(0.2, count):
-            snap = col.add_tick(tick)
+        for snap in obs.snapshots(0.2, count):
             for e in snap.events:
                 if e.stage not in stages or (wanted and e.pid not in wanted):
                     continue

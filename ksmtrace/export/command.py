@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
             "ksmtrace export needs the Python package waitress (its HTTP server)",
             "install ksmtrace with pip (it depends on it), or "
             "`apt-get install python3-waitress`") from None
-    from ksmtrace.collector import Collector
+    from ksmtrace.collector import observe
     from ksmtrace.export.collector import make_registry
     from ksmtrace.export.server import MetricsServer
 
@@ -139,9 +139,8 @@ def run(args: argparse.Namespace) -> int:
             src = ReplaySource(args.replay, speed=args.speed)
         else:
             src = session.open_source(args)
-        with src:
+        with observe(src) as obs:
             session.enforce_strict(args, src.probes)
-            col = Collector.for_source(src)
             if not args.replay and args.sharing_interval and os.geteuid() == 0:
                 sharing = SharingThread(exporter, args.sharing_interval, top)
                 sharing.start()
@@ -152,9 +151,9 @@ def run(args: argparse.Namespace) -> int:
             if not args.replay:
                 for tick in src.ticks(args.interval):
                     t0 = time.perf_counter()
-                    exporter.publish(col.add_tick(tick), t0)
+                    exporter.publish(obs.collector.add_tick(tick), t0)
             else:
-                if _replay(src, col, exporter, args.replay):
+                if _replay(obs, exporter, args.replay):
                     print("ksmtrace export: end of the recording; serving its last snapshot",
                           file=sys.stderr, flush=True)
                 while True:
@@ -228,7 +227,7 @@ class SharingThread(threading.Thread):
             child.terminate()
 
 
-def _replay(src, col, exporter, path: str) -> bool:
+def _replay(obs, exporter, path: str) -> bool:
     """Publish the recording's ticks at its pace; True at its end. A corrupt
     record (or a tick that cannot be served) ends the replay there (False):
     the snapshots before it stay served and one line says where it stopped;
@@ -236,10 +235,10 @@ def _replay(src, col, exporter, path: str) -> bool:
 
     n = 0
     try:
-        for tick in src.ticks():
+        for tick in obs.src.ticks():
             t0 = time.perf_counter()
             try:
-                exporter.publish(col.add_tick(tick), t0, check=True)
+                exporter.publish(obs.collector.add_tick(tick), t0, check=True)
             except Terminated:
                 raise  # SIGTERM meanwhile: not a bad tick
             except Exception as e:  # noqa: BLE001 - a tick record.py read but cannot be served

@@ -3,7 +3,8 @@
 live (BPF programs from bpf/), sysfs-only (counter polling, no root needed)
 and replay (a recording). `trial` proves BPF mechanisms for the capability
 module by really loading and attaching tiny programs. Every source offers
-the `Source` interface; `Collector.for_source()` aggregates any of them.
+the `Source` interface; `collector.observe()` opens any of them together
+with its collector.
 """
 
 from __future__ import annotations

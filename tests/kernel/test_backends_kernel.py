@@ -23,7 +23,7 @@ import os
 
 import pytest
 
-from ksmtrace.collector import Collector
+from ksmtrace.collector import observe
 from ksmtrace.kernel import capabilities as caps
 from ksmtrace.kernel import procfs, sysfs
 from ksmtrace.model import MmStats
@@ -61,15 +61,15 @@ def cow_ksm() -> int:
 
 def test_cow_writes_through_do_wp_page_exactly_per_process(facts, quiet_ksm):
     src = fn_source(facts, "cow_breaks")
-    with src:
-        col = Collector.for_source(src)
+    with observe(src) as obs:
+        col = obs.collector
         assert not src.cow_estimated
-        col.add_tick(src.tick())
+        obs.sample()
         spec = WorkloadSpec(processes=3, pages=1000, distinct=10)
         with Workload(spec, drive_ksmd=True) as w:
             w.wait_merged()
             a, b, c = w.pids
-            before = col.add_tick(src.tick())
+            before = obs.sample()
             cow0 = cow_ksm()
             # uneven on purpose: a split of the global count would not match
             written = dict.fromkeys(w.pids, 0)
@@ -100,15 +100,15 @@ def test_unshares_are_told_apart_from_user_writes(facts, quiet_ksm, how):
     counts each. The probes must count them as unshares, per process, and
     count no user write."""
     src = fn_source(facts, "cow_breaks", "unshares")
-    with src:
-        col = Collector.for_source(src)
-        col.add_tick(src.tick())
+    with observe(src) as obs:
+        col = obs.collector
+        obs.sample()
         spec = WorkloadSpec(processes=2, pages=600, distinct=6)
         with Workload(spec, drive_ksmd=True) as w:
             w.wait_merged()
             merging = {pid: procfs.read_ksm_stat(pid).ksm_merging_pages for pid in w.pids}
             assert all(n == 600 for n in merging.values()), merging
-            before = col.add_tick(src.tick())  # also resolves the owners (6.1: no ksm_enter)
+            before = obs.sample()  # also resolves the owners (6.1: no ksm_enter)
             with contextlib.ExitStack() as stack:
                 cow0 = cow_ksm()
                 if how == "madvise":
@@ -150,13 +150,12 @@ def test_unshares_are_told_apart_from_user_writes(facts, quiet_ksm, how):
 
 def test_merge_latency_histogram_counts_every_merge_attempt(facts, quiet_ksm):
     src = fn_source(facts, "merges")
-    with src:
-        col = Collector.for_source(src)
-        col.add_tick(src.tick())
+    with observe(src) as obs:
+        obs.sample()
         spec = WorkloadSpec(processes=2, pages=1000, distinct=10)
         with Workload(spec, drive_ksmd=True) as w:
             w.wait_merged()
-            s = col.add_tick(src.tick())
+            s = obs.sample()
     assert s.totals["merges"] == s.totals["merged_pages"] == 2000
     attempts = s.totals["merges"] + s.totals["merge_failures"]
     hist = s.hist.get("merge_latency_seconds", {})

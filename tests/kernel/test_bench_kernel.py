@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ksmtrace.collector import Collector
+from ksmtrace.collector import observe
 from ksmtrace.kernel import capabilities as caps
 from ksmtrace.kernel import sysfs
 from ksmtrace.sources.live import LiveSource
@@ -32,15 +32,14 @@ def test_program_costs_equal_bpftool_and_the_programs_own_counts(facts, quiet_ks
     with open("/proc/sys/kernel/bpf_stats_enabled") as f:
         sysctl_before = f.read()
     src = LiveSource(facts, plan)
-    with src:
+    with observe(src) as obs:
         assert src.stats.how == "fd", src.stats.error  # 6.18: bpf(BPF_ENABLE_STATS)
-        col = Collector.for_source(src)
-        col.add_tick(src.tick())
+        obs.sample()
         with Workload(WorkloadSpec(processes=2, pages=2000, distinct=20)) as w:
             w.wait_merged()
             with sysfs.KsmKnobs() as k:
                 k.set(run=0)  # ksmd still: the ksm:* programs stop running
-                snap = col.add_tick(src.tick())
+                snap = obs.sample()
                 ids = src.program_ids()
                 witness = bpftool_progs()
         costs = {p.name: p for p in snap.programs}
@@ -72,6 +71,8 @@ def test_ksmd_benchmark_runs_and_produces_its_rows(quiet_ksm, monkeypatch):
     finally:
         sys.path.remove(str(BENCH.parent))
     monkeypatch.setattr(ksmd_overhead, "LOCK_HELD", True)  # the kernel tier holds it
+    with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+        sysctl_before = f.read()
     results = ksmd_overhead.measure(quick=True, reps=1)
     assert sorted(r["mode"] for r in results) == sorted(ksmd_overhead.MODES)
     for r in results:
@@ -80,6 +81,11 @@ def test_ksmd_benchmark_runs_and_produces_its_rows(quiet_ksm, monkeypatch):
             assert r["merges"] == 10000, r  # every tracer saw the whole burst
         if r["mode"] == "stream":  # and the stream carried every merge to the reader
             assert r["events_lost"] == 0 and r["events_received"] >= 10000, r
+        if r["mode"] == "bpftrace-stats":  # the kernel counted every run of bpftrace's programs
+            assert r["stats"] == "fd", r  # 6.18: bpf(BPF_ENABLE_STATS), held by the bench
+            progs = {name: (ns, n) for name, ns, n in r["programs"]}
+            ns, n = progs["ksm:ksm_merge_with_ksm_page"]
+            assert n == r["counts"]["ksm_merge_with_ksm_page"] >= 10000 and ns > 0, r
     rows = ksmd_overhead.rows_from(results, 10000)
     names = [r["name"] for r in rows]
     for m in ("untraced", "ksmtrace default", "ksmtrace + event stream", "bpftrace count-only",
@@ -88,9 +94,22 @@ def test_ksmd_benchmark_runs_and_produces_its_rows(quiet_ksm, monkeypatch):
     assert "merge time ratio to untraced: ksmtrace default" in names
     assert "lost events during the burst: ksmtrace + event stream" in names
     assert "ksmtrace BPF run time in ksmd / ksmd CPU: ksmtrace default + --bpf-stats" in names
+    assert "bpftrace BPF run time in ksmd / ksmd CPU: bpftrace count-only + BPF stats" in names
+    per_merge = {r["name"]: r for r in rows if r["name"].startswith("BPF run time per merge")}
+    assert set(per_merge) == {
+        "BPF run time per merge event: ksmtrace default + --bpf-stats",
+        "BPF run time per merge event: bpftrace count-only + BPF stats",
+        "BPF run time per merge event: ksmtrace / bpftrace count-only (floor)"}
+    assert all(r["value"] > 0 for r in per_merge.values())
+    ratio = next(r for r in rows if r["name"] == "merge time ratio to untraced: ksmtrace default")
+    assert ratio["target"] == "<= 1.02x and < bpftrace" and isinstance(ratio["met"], bool)
+    assert "median of 1 interleaved pairs" in ratio["note"]
+    assert "bpftrace count-only in this run: median" in ratio["note"]
     for r in rows:
         assert set(r) == {"name", "value", "unit", "target", "met", "note"}
     assert sysfs.read_knob("run") == 0
+    with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+        assert f.read() == sysctl_before  # the stats fd is closed: stats off again
 
 
 def test_doctor_measures_the_programs_cost_for_real(facts, quiet_ksm):

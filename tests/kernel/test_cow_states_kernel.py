@@ -24,7 +24,7 @@ import os
 
 import pytest
 
-from ksmtrace.collector import Collector
+from ksmtrace.collector import observe
 from ksmtrace.kernel import capabilities as caps
 from ksmtrace.kernel import procfs
 from ksmtrace.kernel.pagemap import Area, read_page_map
@@ -84,16 +84,16 @@ def cow_ksm() -> int:
 def test_cow_breaks_add_up_to_cow_ksm_in_every_page_state(facts, quiet_ksm, state):
     plan = caps.plan(facts, os.environ.get("KSMTRACE_ATTACH"))
     src = LiveSource(facts, plan, stream=False)
-    with src:
-        col = Collector.for_source(src)
-        col.add_tick(src.tick())
+    with observe(src) as obs:
+        col = obs.collector
+        obs.sample()
         spec = spec_for(state)
         with Workload(spec, drive_ksmd=True) as w:
             w.wait_merged()
             pids = w.pids
             if state == "zero_page":
                 assert zero_mapped(w) == dict.fromkeys(pids, spec.zero_pages)
-            before = col.add_tick(src.tick())  # also resolves the owners (6.1: no ksm_enter)
+            before = obs.sample()  # also resolves the owners (6.1: no ksm_enter)
             cow0 = cow_ksm()
             put = {}
             if state in PAGE_STATES:

@@ -17,7 +17,7 @@ import pytest
 
 from ksmtrace import session
 from ksmtrace.cli import build_parser
-from ksmtrace.collector import Collector
+from ksmtrace.collector import observe
 from ksmtrace.errors import BadRecording
 from ksmtrace.kernel import sysfs
 from ksmtrace.kernel.tracefs import find_tracefs
@@ -89,12 +89,8 @@ def report_json(path: Path) -> dict:
 
 
 def replayed_totals(path: Path) -> dict[str, int]:
-    with ReplaySource(path, warn=None) as src:
-        col = Collector.for_source(src)
-        snap = None
-        for tick in src.ticks():
-            snap = col.add_tick(tick)
-    assert snap is not None
+    with observe(ReplaySource(path, warn=None)) as obs:
+        *_, snap = obs.snapshots()
     return snap.totals
 
 
@@ -157,13 +153,12 @@ def test_replay_gives_the_live_snapshots(tmp_path):
     path = tmp_path / "live.ksmrec"
     args = build_parser().parse_args(["record", "-o", str(path), "0.2"])
     live = []
-    with session.open_source(args, need_bpf=True) as src:
-        col = Collector.for_source(src)
-        with Recorder(path, recording_header(src, 0.2)) as rec, \
+    with observe(session.open_source(args, need_bpf=True)) as obs:
+        with Recorder(path, recording_header(obs.src, 0.2)) as rec, \
                 Workload(WorkloadSpec(processes=2, pages=500, distinct=5)) as w:
             done_at = None
-            for tick in src.ticks(0.2):
-                live.append(col.add_tick(tick))
+            for tick in obs.src.ticks(0.2):
+                live.append(obs.collector.add_tick(tick))
                 rec.write(tick)
                 if done_at is None and w.measure().matches(w.expected()):
                     w.cow(0.2)
@@ -171,9 +166,8 @@ def test_replay_gives_the_live_snapshots(tmp_path):
                 if done_at is not None and tick.seq >= done_at + 5:
                     break
                 assert tick.seq < 600, "the workload never merged"
-    with ReplaySource(path) as replay:
-        col = Collector.for_source(replay)
-        again = [dataclasses.replace(col.add_tick(t), source="live") for t in replay.ticks()]
+    with observe(ReplaySource(path)) as obs:
+        again = [dataclasses.replace(s, source="live") for s in obs.snapshots()]
     assert again == live
     assert live[-1].totals["merges"] >= 1000 and any(s.events for s in live)
     assert_programs_back_to(before)

@@ -242,10 +242,11 @@ async def test_sysfs_only_view_shows_the_kernel_counters_and_says_what_is_missin
 
 
 def _sysfs_feed(pids):
+    from ksmtrace.collector import observe
     from ksmtrace.feed import LiveFeed
     from ksmtrace.sources.counters import SysfsSource
 
-    return LiveFeed(SysfsSource(pids=pids), interval=0.2)
+    return LiveFeed(observe(SysfsSource(pids=pids)), interval=0.2)
 
 
 async def _wait(pilot, cond, what: str, seconds: float = 60.0) -> None:

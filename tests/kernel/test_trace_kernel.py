@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from ksmtrace.collector import Collector
+from ksmtrace.collector import observe
 from ksmtrace.errors import Busy
 from ksmtrace.kernel import capabilities as caps
 from ksmtrace.kernel import procfs, sysfs
@@ -38,13 +38,12 @@ def traced(facts, stream=False, force=None):
 @pytest.mark.traced
 def test_merges_scan_rounds_and_cow_equal_kernel_counters(facts, quiet_ksm):
     src, plan = traced(facts)
-    with src:
-        col = Collector.for_source(src)
-        col.add_tick(src.tick())
+    with observe(src) as obs:
+        obs.sample()
         spec = WorkloadSpec(processes=3, pages=2000, distinct=20)
         with Workload(spec, drive_ksmd=True) as w:
             w.wait_merged()
-            merged = col.add_tick(src.tick())
+            merged = obs.sample()
             # every successful merge traced == the kernel's merged pages
             assert merged.totals["merges"] == merged.totals["merged_pages"] == 6000
             # a page that became a new KSM page is one pages_shared; one that
@@ -58,7 +57,7 @@ def test_merges_scan_rounds_and_cow_equal_kernel_counters(facts, quiet_ksm):
                 assert rows[pid].merges == stat.ksm_merging_pages == 2000
             written = w.cow(0.1)
             w.wait_expected()
-            cow = col.add_tick(src.tick())
+            cow = obs.sample()
             # on every kernel: total COW breaks == Δcow_ksm == pages written
             assert cow.totals["cow_ksm"] == sum(written.values())
             rows = {r.pid: r for r in cow.processes}
@@ -69,7 +68,7 @@ def test_merges_scan_rounds_and_cow_equal_kernel_counters(facts, quiet_ksm):
                 for pid, n in written.items():
                     assert rows[pid].cow_breaks == n
         time.sleep(0.5)  # ksmd stopped by the workload's knob restore
-        final = col.add_tick(src.tick())
+        final = obs.sample()
         assert final.ksm.run == 0
         assert final.totals["full_scans"] > 0
         if plan.get("scan_rounds").method == "polling":
@@ -92,9 +91,8 @@ def test_per_process_merges_stay_exact_across_exits_and_new_processes(facts, qui
     keep its figure, and a later process (often given the freed mm_struct's
     address) must not inherit it."""
     src, _ = traced(facts)
-    with src:
-        col = Collector.for_source(src)
-        col.add_tick(src.tick())
+    with observe(src) as obs:
+        obs.sample()
         expected: dict[int, int] = {}
         for pages, distinct in ((1500, 15), (700, 7), (300, 3)):
             # the duplicates come first in the area, 20,000 unique pages after
@@ -114,7 +112,7 @@ def test_per_process_merges_stay_exact_across_exits_and_new_processes(facts, qui
                     if src.spec.merge_slot:  # the merges are still in the slot
                         slot_seq, slot_mm, slot_merges = src._read_slot()
                         assert slot_mm and sum(slot_merges) > 0, (slot_mm, slot_merges)
-                    s = col.add_tick(src.tick())
+                    s = obs.sample()
                 expected[pid] = procfs.read_ksm_stat(pid).ksm_merging_pages
                 assert expected[pid] == pages
                 rows = {r.pid: r for r in s.processes}
@@ -128,7 +126,7 @@ def test_per_process_merges_stay_exact_across_exits_and_new_processes(facts, qui
                     if sysfs.read_sysfs().full_scans > rounds:
                         break
                     time.sleep(0.002)
-            s = col.add_tick(src.tick())
+            s = obs.sample()
             rows = {r.pid: r for r in s.processes}
             for p, n in expected.items():  # every process so far, all exited
                 assert rows[p].merges == n and not rows[p].alive, (p, rows[p])
@@ -166,14 +164,13 @@ def test_fentry_is_refused_while_ksmd_never_sleeps(facts, quiet_ksm, count_progr
 @pytest.mark.ksm_zero_pages
 def test_zero_page_merges_equal_ksm_zero_pages(facts, quiet_ksm):
     src, _ = traced(facts)
-    with src:
-        col = Collector.for_source(src)
-        col.add_tick(src.tick())
+    with observe(src) as obs:
+        obs.sample()
         spec = WorkloadSpec(processes=2, pages=100, distinct=10, zero_pages=300,
                             use_zero_pages=True)
         with Workload(spec, drive_ksmd=True) as w:
             w.wait_merged()
-            s = col.add_tick(src.tick())
+            s = obs.sample()
             assert s.totals["ksm_zero_pages"] == 600
             assert s.totals["merges_zero_page"] == s.totals["ksm_zero_pages"]
             assert s.totals["merges"] - s.totals["merges_zero_page"] == s.totals["merged_pages"]
@@ -183,9 +180,9 @@ def test_zero_page_merges_equal_ksm_zero_pages(facts, quiet_ksm):
 @pytest.mark.traced
 def test_no_lost_events_in_a_30k_page_merge_with_the_stream_on(facts, quiet_ksm):
     src, _ = traced(facts, stream=True)
-    with src:
-        col = Collector.for_source(src)
-        col.add_tick(src.tick())
+    with observe(src) as obs:
+        col = obs.collector
+        obs.sample()
         merges_seen = 0
         spec = WorkloadSpec(processes=3, pages=10000, distinct=100)
         with Workload(spec, drive_ksmd=True) as w:
@@ -205,13 +202,12 @@ def test_no_lost_events_in_a_30k_page_merge_with_the_stream_on(facts, quiet_ksm)
 @pytest.mark.traced
 def test_default_mode_aggregates_without_a_stream(facts, quiet_ksm):
     src, _ = traced(facts, stream=False)
-    with src:
+    with observe(src) as obs:
         assert src.spec.stream == 0
-        col = Collector.for_source(src)
-        col.add_tick(src.tick())
+        obs.sample()
         with Workload(WorkloadSpec(processes=3, pages=10000, distinct=100)) as w:
             w.wait_merged()
-            s = col.add_tick(src.tick())
+            s = obs.sample()
         assert s.totals["merges"] == s.totals["merged_pages"] == 30000
         assert s.totals["events_sent"] == 0  # nothing was streamed
 
@@ -223,19 +219,19 @@ def test_owner_of_processes_registered_before_tracing(facts, quiet_ksm):
     with Workload(WorkloadSpec(processes=2, pages=500, distinct=5)) as w:
         w.wait_merged()
         src, _ = traced(facts)
+        obs = observe(src)
         # ksmd is paused while the programs are attached and detached: fentry
         # and fexit wait there for an RCU Tasks grace period, which a ksmd
         # spinning at sleep_millisecs=0 (the workload's setting) never lets
         # end, as it never sleeps voluntarily (found in the 6.12 guest: the
         # attach hung, with "rcu_tasks detected stalls" on ksmd)
         with ksmd_paused():
-            src.__enter__()
+            obs.__enter__()
         try:
-            col = Collector.for_source(src)
-            col.add_tick(src.tick())
+            obs.sample()
             written = w.cow(0.2)
             w.wait_expected()
-            s = col.add_tick(src.tick())
+            s = obs.sample()
         finally:
             with ksmd_paused():
                 src.close()

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.request
 import zlib
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ksmtrace.collector import Collector
+from ksmtrace.collector import observe
 from ksmtrace.errors import BadRecording
 from ksmtrace.export import command, server
 from ksmtrace.export.collector import make_registry, scrape
@@ -35,9 +36,8 @@ RECORDING = ROOT / "tests" / "fixtures" / "recordings" / "host-6.18-workload.ksm
 
 @pytest.fixture(scope="module")
 def snap():
-    with ReplaySource(RECORDING, warn=None) as src:
-        col = Collector.for_source(src)
-        snaps = [col.add_tick(t) for t in src.ticks()]
+    with observe(ReplaySource(RECORDING, warn=None)) as obs:
+        snaps = list(obs.snapshots())
     return snaps[-1]
 
 
@@ -419,15 +419,15 @@ def test_a_recording_corrupt_in_the_middle_keeps_serving_its_good_prefix(tmp_pat
 
 
 def test_a_tick_that_cannot_be_exported_stops_the_replay_like_a_corrupt_one(snap, capsys):
-    class Source:
-        def ticks(self):
-            yield from ("good", "good", "bad", "good")
-
     class Col:
         def add_tick(self, tick):
             if tick == "bad":
                 raise TypeError("comm is not a string")
             return snap
+
+    def obs(ticks, col):
+        return types.SimpleNamespace(src=types.SimpleNamespace(ticks=lambda: iter(ticks)),
+                                     collector=col)
 
     published = []
 
@@ -436,7 +436,8 @@ def test_a_tick_that_cannot_be_exported_stops_the_replay_like_a_corrupt_one(snap
             assert check
             published.append(s)
 
-    assert command._replay(Source(), Col(), Exp(), "x.ksmrec") is False
+    assert command._replay(obs(["good", "good", "bad", "good"], Col()), Exp(),
+                           "x.ksmrec") is False
     assert len(published) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
@@ -444,8 +445,7 @@ def test_a_tick_that_cannot_be_exported_stops_the_replay_like_a_corrupt_one(snap
     assert "serving the snapshot of tick 2" in err
     # with no good tick before it: exit 9
     with pytest.raises(BadRecording):
-        command._replay(type("S", (), {"ticks": lambda self: iter(["bad"])})(), Col(), Exp(),
-                        "x.ksmrec")
+        command._replay(obs(["bad"], Col()), Exp(), "x.ksmrec")
     # SIGTERM while a tick is aggregated is SIGTERM, not a bad tick
     from ksmtrace.signals import Terminated
 
@@ -454,9 +454,8 @@ def test_a_tick_that_cannot_be_exported_stops_the_replay_like_a_corrupt_one(snap
             raise Terminated(15)  # SIGTERM
 
     with pytest.raises(Terminated):
-        command._replay(Source(), Interrupted(), Exp(), "x.ksmrec")
-    assert command._replay(type("S", (), {"ticks": lambda self: iter(["good"])})(), Col(),
-                           Exp(), "x.ksmrec") is True
+        command._replay(obs(["good"], Interrupted()), Exp(), "x.ksmrec")
+    assert command._replay(obs(["good"], Col()), Exp(), "x.ksmrec") is True
 
 
 def test_publish_check_keeps_the_previous_snapshot_when_one_cannot_be_encoded(snap):

@@ -24,7 +24,7 @@ from recbytes import FIX, HEAD
 from ksmtrace import collector as collector_mod
 from ksmtrace import record as record_mod
 from ksmtrace import recschema
-from ksmtrace.collector import Collector
+from ksmtrace.collector import Collector, observe
 from ksmtrace.errors import BadRecording, Exit
 from ksmtrace.kernel.identity import Workload
 from ksmtrace.model import EVENT_SIZE, BpfTotals, MmStats, ProgramCost, Tick
@@ -427,16 +427,14 @@ def test_version_3_keeps_each_process_workload(tmp_path, fixture_ticks):
         assert r.version == VERSION == 3
         assert list(r.ticks()) == ticks
     rows = ReplaySource(out, warn=None)
-    with rows:
-        col = Collector.for_source(rows)
-        last = [col.add_tick(t) for t in rows.ticks()][-1]
+    with observe(rows) as obs:
+        last = list(obs.snapshots())[-1]
     assert {p.workload for p in last.processes if p.pid} == {VM1}
 
 
 def test_version_2_rows_are_named_from_their_cgroup(fixture_ticks):
-    with ReplaySource(FIX, warn=None) as src:
-        col = Collector.for_source(src)
-        last = [col.add_tick(t) for t in src.ticks()][-1]
+    with observe(ReplaySource(FIX, warn=None)) as obs:
+        last = list(obs.snapshots())[-1]
     # the fixture's workload processes ran in the root cgroup: plain processes
     assert {(p.workload.kind, p.workload.name) for p in last.processes} == \
         {("process", f"python[{p.pid}]") for p in last.processes}

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ksmtrace import report
-from ksmtrace.collector import Collector
+from ksmtrace.collector import observe
 from ksmtrace.kernel.identity import Workload
 from ksmtrace.model import EventKind, iter_events
 from ksmtrace.record import Recorder, Recording
@@ -42,9 +42,8 @@ def trace() -> dict:
 
 
 def test_report_totals_are_the_replayed_collectors(rep):
-    with ReplaySource(FIX) as src:
-        col = Collector.for_source(src)
-        snaps = [col.add_tick(t) for t in src.ticks()]
+    with observe(ReplaySource(FIX)) as obs:
+        snaps = list(obs.snapshots())
     last = snaps[-1]
     assert rep["totals"] == last.totals
     assert rep["ticks"] == len(snaps)
@@ -229,9 +228,8 @@ def test_report_by_workload_sums_each_workloads_processes(tagged):
 def test_stat_lines_by_workload(tagged):
     from ksmtrace.stat import format_line
 
-    with ReplaySource(tagged) as src:
-        col = Collector.for_source(src)
-        last = [col.add_tick(t) for t in src.ticks()][6]
+    with observe(ReplaySource(tagged)) as obs:
+        last = list(obs.snapshots())[6]
     lines = format_line(last, "workload").splitlines()[1:]
     assert [ln.split(":", 2)[0].strip() + ":" + ln.split(":", 2)[1].split(" ")[0]
             for ln in lines] == ["vm:vm1", "ctr:3f2a9c1b2d4e"]

@@ -18,6 +18,7 @@ pytest.importorskip("textual")
 
 from textual.widgets import DataTable, Input, RichLog  # noqa: E402
 
+from ksmtrace.collector import observe  # noqa: E402
 from ksmtrace.diagnose import diagnose  # noqa: E402
 from ksmtrace.feed import ReplayFeed  # noqa: E402
 from ksmtrace.grouping import group_rows, workload_of  # noqa: E402
@@ -42,7 +43,7 @@ MERGED = 5  # index of the first snapshot after the merge (pages_shared 8, shari
 
 
 def replay_feed(position: int = MERGED) -> ReplayFeed:
-    feed = ReplayFeed(ReplaySource(RECORDING, warn=None)).start()
+    feed = ReplayFeed(observe(ReplaySource(RECORDING, warn=None))).start()
     feed.wait_loaded()
     assert feed.error is None and feed.loaded
     feed.seek_to(position)

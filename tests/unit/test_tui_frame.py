@@ -20,6 +20,7 @@ pytest.importorskip("textual")
 
 from textual.widgets._header import HeaderTitle  # noqa: E402
 
+from ksmtrace.collector import observe  # noqa: E402
 from ksmtrace.feed import ReplayFeed  # noqa: E402
 from ksmtrace.model import Snapshot  # noqa: E402
 from ksmtrace.sources.replay import ReplaySource  # noqa: E402
@@ -48,7 +49,7 @@ def many_rows(snap: Snapshot, k: int) -> Snapshot:
 
 def make_app() -> KsmtraceApp:
     """The app on a replay whose snapshots MERGED + k (k = 0..3) have many rows."""
-    feed = ReplayFeed(ReplaySource(RECORDING, warn=None)).start()
+    feed = ReplayFeed(observe(ReplaySource(RECORDING, warn=None))).start()
     feed.wait_loaded()
     assert feed.error is None
     for k in range(4):
