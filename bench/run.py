@@ -34,6 +34,7 @@ MODULES = [
     ("tui_frame", "TUI frame time, 1,000 processes"),
     ("pagemap", "page map reader, 4 GiB process and QEMU guest (root)"),
     ("footprint", "agent start-up (cold/warm) and memory over 10 min of scrapes (root)"),
+    ("churn", "per-mm tables under 10,000 churning KSM processes: agent and map memory (root)"),
 ]
 KEYS = ("name", "value", "unit", "target", "met", "note")
 
