@@ -39,7 +39,7 @@ except ImportError:  # run as a file
     from bench.common import interleaved, row
     from bench.pagemap import kernel_lock
 
-from ksmtrace.spawn import python_argv
+from ksmtrace.spawn import python_argv, reap
 
 TARGET_START_S = 0.5
 TARGET_RSS_MB, TARGET_ANON_MB, TARGET_GROWTH_MB = 48.0, 32.0, 2.0
@@ -64,12 +64,7 @@ def _process(argv: list[str], env: dict | None = None,
     try:
         yield p
     finally:
-        p.terminate()
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        reap(p, 30)
 
 
 def _status(pid: int) -> dict[str, float]:

@@ -9,6 +9,8 @@ this package was loaded from first on sys.path.
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,3 +26,15 @@ _BOOT = (
 def python_argv(module: str, *args: str) -> list[str]:
     """The argv that runs `module` as __main__ with `args`, isolated."""
     return [sys.executable, "-I", "-c", _BOOT, PACKAGE_PARENT, module, *args]
+
+
+def reap(proc: subprocess.Popen, grace: float, sig: int | None = signal.SIGTERM) -> int:
+    """End a child: send it `sig` if it still runs (None: it was already
+    asked some other way), wait `grace` seconds, then SIGKILL. Its exit status."""
+    if sig is not None and proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ksmtrace.kernel.procfs import PAGE_SIZE
-from ksmtrace.spawn import python_argv
+from ksmtrace.spawn import python_argv, reap
 from ksmtrace.workload.contents import cow_marker, page_content
 from ksmtrace.workload.model import PAGE_STATES, WorkloadError, WorkloadSpec
 
@@ -318,11 +318,7 @@ class ChildHandle:
                 self.proc.stdin.close()
             except OSError:
                 pass
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            reap(self.proc, grace, sig=None)
         for f in (self.proc.stdin, self.proc.stdout):
             try:
                 if f is not None:

@@ -60,10 +60,9 @@ def cow_ksm() -> int:
 
 
 def test_cow_writes_through_do_wp_page_exactly_per_process(facts, quiet_ksm):
-    src = fn_source(facts, "cow_breaks")
-    with observe(src) as obs:
+    with observe(fn_source(facts, "cow_breaks")) as obs:
         col = obs.collector
-        assert not src.cow_estimated
+        assert not obs.src.cow_estimated
         obs.sample()
         spec = WorkloadSpec(processes=3, pages=1000, distinct=10)
         with Workload(spec, drive_ksmd=True) as w:
@@ -79,7 +78,7 @@ def test_cow_writes_through_do_wp_page_exactly_per_process(facts, quiet_ksm):
             assert written[a] > written[b] > written[c] == 0
             delta_cow = cow_ksm() - cow0
             w.wait_expected()
-            tick = src.tick()
+            tick = obs.src.tick()
             after = col.add_tick(tick)
         assert delta_cow == sum(written.values())
         traced = after.totals["cow_writes"] - before.totals["cow_writes"]
@@ -99,8 +98,7 @@ def test_unshares_are_told_apart_from_user_writes(facts, quiet_ksm, how):
     """Unmerging breaks every merged page through the fault path; cow_ksm
     counts each. The probes must count them as unshares, per process, and
     count no user write."""
-    src = fn_source(facts, "cow_breaks", "unshares")
-    with observe(src) as obs:
+    with observe(fn_source(facts, "cow_breaks", "unshares")) as obs:
         col = obs.collector
         obs.sample()
         spec = WorkloadSpec(processes=2, pages=600, distinct=6)
@@ -118,7 +116,7 @@ def test_unshares_are_told_apart_from_user_writes(facts, quiet_ksm, how):
                     # measured before the knob goes back to 1 (ksmd re-merges)
                     stack.enter_context(sysfs.KsmKnobs()).set(run=2)
                 delta_cow = cow_ksm() - cow0
-                tick = src.tick()
+                tick = obs.src.tick()
                 after = col.add_tick(tick)
                 left = {pid: procfs.read_ksm_stat(pid).ksm_merging_pages for pid in w.pids}
 
@@ -149,8 +147,7 @@ def test_unshares_are_told_apart_from_user_writes(facts, quiet_ksm, how):
 
 
 def test_merge_latency_histogram_counts_every_merge_attempt(facts, quiet_ksm):
-    src = fn_source(facts, "merges")
-    with observe(src) as obs:
+    with observe(fn_source(facts, "merges")) as obs:
         obs.sample()
         spec = WorkloadSpec(processes=2, pages=1000, distinct=10)
         with Workload(spec, drive_ksmd=True) as w:

@@ -35,6 +35,7 @@ import pytest
 from ksmtrace.figures import SYSFS as SYSFS_FIGURES
 from ksmtrace.kernel import capabilities as caps
 from ksmtrace.kernel import procfs, sysfs
+from ksmtrace.spawn import reap
 from ksmtrace.workload import Workload, WorkloadSpec, other_ksm_users
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -275,13 +276,7 @@ def exporter(*args: str, argv_prefix=None, env=None, cwd=None, listen: str | Non
         wait_for("the exporter's first snapshot", ready, 60, pid=p.pid)
         yield port, p
     finally:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        reap(p, 60)
 
 
 class Prometheus:
@@ -343,12 +338,7 @@ def prometheus(tmp: Path, target: str):
         wait_for("the first scrape", lambda: prom.query('up{job="ksmtrace"} == 1'), 120)
         yield prom
     finally:
-        p.terminate()
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        reap(p, 30)
         log.close()
 
 

@@ -18,6 +18,7 @@ from ksmtrace.kernel import capabilities as caps
 from ksmtrace.kernel import tracefs
 from ksmtrace.sources import loader
 from ksmtrace.sources.live import LiveSource
+from ksmtrace.spawn import reap
 
 pytestmark = [pytest.mark.kernel, pytest.mark.vm, pytest.mark.traced]
 
@@ -62,7 +63,7 @@ def test_compiled_once_then_loaded_from_the_cache(facts, fresh_cache, count_prog
     assert entry.suffix == ".bundle" and entry.stat().st_mode & 0o777 == 0o600
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_the_agent_maps_no_llvm_and_leaves_nothing_when_killed(sig, count_programs,
                                                               programs_back_to):
     before, entries = count_programs(), kprobe_entries()
@@ -76,16 +77,14 @@ def test_the_agent_maps_no_llvm_and_leaves_nothing_when_killed(sig, count_progra
         assert count_programs() > before
         maps = Path(f"/proc/{p.pid}/maps").read_text()
         assert "libLLVM" not in maps and "libbcc" not in maps and "libclang" not in maps
-        p.send_signal(sig)
-        p.wait(timeout=60)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        status = reap(p, 60, sig)  # SIGKILLed if a signal does not end it
+    # Ctrl-C and SIGTERM end it as the shell would report them: 128 + signal
+    assert status == (-sig if sig == signal.SIGKILL else 128 + sig)
     assert "Traceback" not in p.stderr.read()
     assert programs_back_to(before)
     left = kprobe_entries() - entries
-    if sig == signal.SIGTERM:
+    if sig != signal.SIGKILL:
         assert left == set()
     else:  # a SIGKILLed kprobe run leaves its kretprobe entries: doctor's to clean
         tfs = tracefs.find_tracefs()

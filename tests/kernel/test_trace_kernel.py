@@ -10,14 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from ksmtrace.collector import observe
+from ksmtrace.collector import Observed, observe
 from ksmtrace.errors import Busy
 from ksmtrace.kernel import capabilities as caps
 from ksmtrace.kernel import procfs, sysfs
@@ -28,17 +26,15 @@ from ksmtrace.workload import Workload, WorkloadSpec
 pytestmark = pytest.mark.kernel
 
 
-def traced(facts, stream=False, force=None):
+def traced(facts, stream=False, force=None) -> Observed:
     plan = caps.plan(facts, force or os.environ.get("KSMTRACE_ATTACH"))
-    src = LiveSource(facts, plan, stream=stream)
-    return src, plan
+    return observe(LiveSource(facts, plan, stream=stream))
 
 
 @pytest.mark.vm
 @pytest.mark.traced
 def test_merges_scan_rounds_and_cow_equal_kernel_counters(facts, quiet_ksm):
-    src, plan = traced(facts)
-    with observe(src) as obs:
+    with traced(facts) as obs:
         obs.sample()
         spec = WorkloadSpec(processes=3, pages=2000, distinct=20)
         with Workload(spec, drive_ksmd=True) as w:
@@ -71,7 +67,7 @@ def test_merges_scan_rounds_and_cow_equal_kernel_counters(facts, quiet_ksm):
         final = obs.sample()
         assert final.ksm.run == 0
         assert final.totals["full_scans"] > 0
-        if plan.get("scan_rounds").method == "polling":
+        if obs.src.plan.get("scan_rounds").method == "polling":
             # 6.1: no ksm:* tracepoints and ksm_do_scan inlined, nothing
             # traces a round; the view shows sysfs full_scans only
             assert final.totals["scan_rounds"] == 0
@@ -90,8 +86,7 @@ def test_per_process_merges_stay_exact_across_exits_and_new_processes(facts, qui
     ksm_merging_pages while they sit in the slot, an exited process must
     keep its figure, and a later process (often given the freed mm_struct's
     address) must not inherit it."""
-    src, _ = traced(facts)
-    with observe(src) as obs:
+    with traced(facts) as obs:
         obs.sample()
         expected: dict[int, int] = {}
         for pages, distinct in ((1500, 15), (700, 7), (300, 3)):
@@ -109,8 +104,8 @@ def test_per_process_merges_stay_exact_across_exits_and_new_processes(facts, qui
                         time.sleep(0.002)
                     k.set(run=0)
                     rounds = sysfs.read_sysfs().full_scans
-                    if src.spec.merge_slot:  # the merges are still in the slot
-                        slot_seq, slot_mm, slot_merges = src._read_slot()
+                    if obs.src.spec.merge_slot:  # the merges are still in the slot
+                        slot_seq, slot_mm, slot_merges = obs.src._read_slot()
                         assert slot_mm and sum(slot_merges) > 0, (slot_mm, slot_merges)
                     s = obs.sample()
                 expected[pid] = procfs.read_ksm_stat(pid).ksm_merging_pages
@@ -142,11 +137,11 @@ def test_fentry_is_refused_while_ksmd_never_sleeps(facts, quiet_ksm, count_progr
     sleep_millisecs=0 never does (the 6.12 guest hung there). A plan with
     fentry is refused with exit 11 and a fix, before anything is loaded;
     kprobes and tracepoints attach as usual."""
-    src, plan = traced(facts)
+    src = traced(facts).src
     before = count_programs()
     with sysfs.KsmKnobs() as k:
         k.set(sleep_millisecs=0, run=1)  # nothing registered: ksmd idles meanwhile
-        fentry = [c.probe for c in plan.choices if c.method == "fentry"]
+        fentry = [c.probe for c in src.plan.choices if c.method == "fentry"]
         if fentry:
             with pytest.raises(Busy) as e:
                 src.__enter__()
@@ -163,8 +158,7 @@ def test_fentry_is_refused_while_ksmd_never_sleeps(facts, quiet_ksm, count_progr
 @pytest.mark.traced
 @pytest.mark.ksm_zero_pages
 def test_zero_page_merges_equal_ksm_zero_pages(facts, quiet_ksm):
-    src, _ = traced(facts)
-    with observe(src) as obs:
+    with traced(facts) as obs:
         obs.sample()
         spec = WorkloadSpec(processes=2, pages=100, distinct=10, zero_pages=300,
                             use_zero_pages=True)
@@ -179,15 +173,14 @@ def test_zero_page_merges_equal_ksm_zero_pages(facts, quiet_ksm):
 @pytest.mark.vm
 @pytest.mark.traced
 def test_no_lost_events_in_a_30k_page_merge_with_the_stream_on(facts, quiet_ksm):
-    src, _ = traced(facts, stream=True)
-    with observe(src) as obs:
+    with traced(facts, stream=True) as obs:
         col = obs.collector
         obs.sample()
         merges_seen = 0
         spec = WorkloadSpec(processes=3, pages=10000, distinct=100)
         with Workload(spec, drive_ksmd=True) as w:
             w.wait_merged()
-            tick = src.tick()
+            tick = obs.src.tick()
             s = col.add_tick(tick)
         merges_seen += sum(1 for e in iter_events(tick.events) if e.kind == EventKind.MERGE)
         assert s.totals["merged_pages"] == 30000
@@ -201,9 +194,8 @@ def test_no_lost_events_in_a_30k_page_merge_with_the_stream_on(facts, quiet_ksm)
 @pytest.mark.vm
 @pytest.mark.traced
 def test_default_mode_aggregates_without_a_stream(facts, quiet_ksm):
-    src, _ = traced(facts, stream=False)
-    with observe(src) as obs:
-        assert src.spec.stream == 0
+    with traced(facts, stream=False) as obs:
+        assert obs.src.spec.stream == 0
         obs.sample()
         with Workload(WorkloadSpec(processes=3, pages=10000, distinct=100)) as w:
             w.wait_merged()
@@ -218,8 +210,7 @@ def test_owner_of_processes_registered_before_tracing(facts, quiet_ksm):
     """mm -> pid for processes that called madvise before ksmtrace attached."""
     with Workload(WorkloadSpec(processes=2, pages=500, distinct=5)) as w:
         w.wait_merged()
-        src, _ = traced(facts)
-        obs = observe(src)
+        obs = traced(facts)
         # ksmd is paused while the programs are attached and detached: fentry
         # and fexit wait there for an RCU Tasks grace period, which a ksmd
         # spinning at sleep_millisecs=0 (the workload's setting) never lets
@@ -234,7 +225,7 @@ def test_owner_of_processes_registered_before_tracing(facts, quiet_ksm):
             s = obs.sample()
         finally:
             with ksmd_paused():
-                src.close()
+                obs.src.close()
         rows = {r.pid: r for r in s.processes}
         assert set(w.pids) <= set(rows)
         assert sum(rows[p].cow_breaks for p in w.pids) == sum(written.values())
@@ -246,33 +237,6 @@ def ksmd_paused():
     with sysfs.KsmKnobs() as k:
         k.set(run=0)
         yield
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
-def test_no_program_left_loaded_after_signal(sig, count_programs):
-    before = count_programs()
-    p = subprocess.Popen([sys.executable, "-m", "ksmtrace", "stat", "0.2"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        # wait until it printed its header: the programs are attached by then
-        line = p.stdout.readline()
-        while line and not line.startswith("    time"):
-            line = p.stdout.readline()
-        assert line, p.stderr.read()
-        assert count_programs() > before
-        p.send_signal(sig)
-        p.wait(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    err = p.stderr.read()
-    assert "Traceback" not in err
-    for _ in range(50):  # the kernel frees programs once the last fd closes
-        if count_programs() == before:
-            break
-        time.sleep(0.1)
-    assert count_programs() == before
 
 
 def test_sysfs_only_works_without_root_and_matches_sysfs(quiet_ksm, as_nobody):

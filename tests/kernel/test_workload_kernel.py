@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from ksmtrace.kernel import procfs, sysfs
+from ksmtrace.spawn import reap
 from ksmtrace.workload import Workload, WorkloadSpec, other_ksm_users
 
 pytestmark = pytest.mark.kernel
@@ -255,7 +256,7 @@ def _events_until(proc: subprocess.Popen, wanted: str, timeout: float = MERGE_TI
             continue
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
-            _end(proc)  # SIGTERM, so it still restores the knobs
+            reap(proc, 60)  # SIGTERM, so it still restores the knobs
             raise AssertionError(f"no {wanted!r} event in {timeout:g} s: {events}")
         chunk = os.read(fd, 65536)
         if not chunk:
@@ -264,14 +265,6 @@ def _events_until(proc: subprocess.Popen, wanted: str, timeout: float = MERGE_TI
         buf += chunk
     return events
 
-
-def _end(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def test_cli_runs_every_phase_and_reports_agreement():
