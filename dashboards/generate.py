@@ -72,6 +72,12 @@ class Layout:
         self.x += w
         self.row_h = max(self.row_h, h)
 
+    def top(self, title: str, desc: str, series: str, legend: str, unit: str) -> None:
+        """Half a row of horizontal bars: the 10 largest of `series` now."""
+        self.add("bargauge", title, desc,
+                 targets((f"topk(10, {series}{{{I}}})", "{{instance}} " + legend), instant=True),
+                 unit, w=12, options={"orientation": "horizontal", "displayMode": "basic"})
+
 
 def build() -> dict:
     L = Layout()
@@ -157,42 +163,28 @@ def build() -> dict:
                   (f"ksmtrace_ksm_stable_node_dups{{{I}}}", "{{instance}} dups")), "short")
     L.add("timeseries", "Processes using KSM", "Processes with mergeable memory or merged pages",
           targets((f"ksmtrace_processes{{{I}}}", "{{instance}}")), "short")
-    L.add("bargauge", "Top processes: merged pages", "ksm_merging_pages of the top processes "
+    L.top("Top processes: merged pages", "ksm_merging_pages of the top processes "
           "(pid=\"other\": all the rest)",
-          targets((f"topk(10, ksmtrace_process_merging_pages{{{I}}})",
-                   "{{instance}} {{pid}} {{comm}}"), instant=True), "short", w=12,
-          options={"orientation": "horizontal", "displayMode": "basic"})
-    L.add("bargauge", "Top processes: profit", "ksm_process_profit (saved minus rmap cost)",
-          targets((f"topk(10, ksmtrace_process_profit_bytes{{{I}}})",
-                   "{{instance}} {{pid}} {{comm}}"), instant=True), "bytes", w=12,
-          options={"orientation": "horizontal", "displayMode": "basic"})
-    L.add("bargauge", "Top workloads: merged pages", "Summed over each VM's, container's or "
+          "ksmtrace_process_merging_pages", "{{pid}} {{comm}}", "short")
+    L.top("Top processes: profit", "ksm_process_profit (saved minus rmap cost)",
+          "ksmtrace_process_profit_bytes", "{{pid}} {{comm}}", "bytes")
+    L.top("Top workloads: merged pages", "Summed over each VM's, container's or "
           "service's live processes (workload=\"other\": all the rest)",
-          targets((f"topk(10, ksmtrace_workload_merging_pages{{{I}}})",
-                   "{{instance}} {{workload_kind}} {{workload}}"), instant=True), "short", w=12,
-          options={"orientation": "horizontal", "displayMode": "basic"})
-    L.add("bargauge", "Top workloads: profit", "ksm_process_profit summed per workload",
-          targets((f"topk(10, ksmtrace_workload_profit_bytes{{{I}}})",
-                   "{{instance}} {{workload_kind}} {{workload}}"), instant=True), "bytes", w=12,
-          options={"orientation": "horizontal", "displayMode": "basic"})
-    L.add("bargauge", "Who shares with whom", "KSM page frames two workloads both map (the "
+          "ksmtrace_workload_merging_pages", "{{workload_kind}} {{workload}}", "short")
+    L.top("Top workloads: profit", "ksm_process_profit summed per workload",
+          "ksmtrace_workload_profit_bytes", "{{workload_kind}} {{workload}}", "bytes")
+    L.top("Who shares with whom", "KSM page frames two workloads both map (the "
           "top pairs; read every --sharing-interval)",
-          targets((f"topk(10, ksmtrace_sharing_bytes{{{I}}})",
-                   "{{instance}} {{a}} <-> {{b}}"), instant=True), "bytes", w=12,
-          options={"orientation": "horizontal", "displayMode": "basic"})
+          "ksmtrace_sharing_bytes", "{{a}} <-> {{b}}", "bytes")
     L.add("timeseries", "Write-storm exposure", "Memory the top five workloads would need if "
           "they wrote every KSM page they map, against MemAvailable (KsmCowStormExposure)",
           targets((f"ksmtrace_sharing_exposure_bytes{{{I}}}", "{{instance}} exposure"),
                   (f"ksmtrace_sharing_mem_available_bytes{{{I}}}",
                    "{{instance}} MemAvailable")), "bytes", w=12)
-    L.add("bargauge", "Top cgroups: merged pages", "Summed over each cgroup's processes",
-          targets((f"topk(10, ksmtrace_cgroup_merging_pages{{{I}}})",
-                   "{{instance}} {{cgroup}}"), instant=True), "short", w=12,
-          options={"orientation": "horizontal", "displayMode": "basic"})
-    L.add("bargauge", "Top cgroups: profit", "ksm_process_profit summed per cgroup",
-          targets((f"topk(10, ksmtrace_cgroup_profit_bytes{{{I}}})",
-                   "{{instance}} {{cgroup}}"), instant=True), "bytes", w=12,
-          options={"orientation": "horizontal", "displayMode": "basic"})
+    L.top("Top cgroups: merged pages", "Summed over each cgroup's processes",
+          "ksmtrace_cgroup_merging_pages", "{{cgroup}}", "short")
+    L.top("Top cgroups: profit", "ksm_process_profit summed per cgroup",
+          "ksmtrace_cgroup_profit_bytes", "{{cgroup}}", "bytes")
 
     L.row("Updating: copy-on-write breaks and unmerges")
     L.add("timeseries", "COW breaks /s", "Exact: /proc/vmstat cow_ksm. By kind: traced "

@@ -1,6 +1,7 @@
-"""Command-line value types: each refuses at parse time (exit 2) what the
-commands cannot use, NaN and infinities included (`nan > 0` is False, so a
-later `<= 0` check lets NaN through, and `inf` seconds never ends a sleep)."""
+"""Command-line value types, and the subcommands' parsers. Each type refuses
+at parse time (exit 2) what the commands cannot use, NaN and infinities
+included (`nan > 0` is False, so a later `<= 0` check lets NaN through, and
+`inf` seconds never ends a sleep)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,11 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"ksmtrace: {message} (see `{self.prog} --help`)\n")
+
+
+def subcommand(sub: argparse._SubParsersAction, name: str, help: str, description: str,
+               epilog: str) -> argparse.ArgumentParser:
+    """A subcommand's parser; its description and examples (`epilog`) print
+    as written."""
+    return sub.add_parser(name, help=help, description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)

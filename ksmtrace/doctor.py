@@ -35,16 +35,16 @@ exit codes: 0 ok, 3 not root, 4 no KSM, 5 no usable BPF mechanism
 """
 
 
+DESCRIPTION = (
+    "Check the kernel (KSM, tracepoints, functions, BTF, headers) and prove "
+    "each BPF mechanism by loading and attaching a tiny program; then derive how each "
+    "KSM stage will be observed, with the reason for each choice.")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "doctor",
-        help="report what this kernel lets ksmtrace observe, and the attach plan",
-        description="Check the kernel (KSM, tracepoints, functions, BTF, headers) and prove "
-        "each BPF mechanism by loading and attaching a tiny program; then derive how each "
-        "KSM stage will be observed, with the reason for each choice.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argtypes.subcommand(
+        sub, "doctor", "report what this kernel lets ksmtrace observe, and the attach plan",
+        DESCRIPTION, EPILOG)
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.add_argument("--cost-seconds", type=argtypes.duration, default=COST_SECONDS, metavar="S",
                    help="attach the default programs for S seconds and show what they cost "

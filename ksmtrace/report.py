@@ -57,14 +57,25 @@ examples:
 PROGRESS_EVERY = 10.0  # seconds between progress lines when stderr is not a terminal
 
 
+RECORD_DESCRIPTION = (
+    "Record every tick (counter poll, in-kernel aggregates, raw events)\n"
+    "to FILE, flushed tick by tick, until Ctrl-C, SIGTERM or --duration.\n"
+    "`report`, `timeline` and replay read it.")
+
+REPORT_DESCRIPTION = (
+    "Replay a recording through the collector and report, per stage,\n"
+    "its totals and histograms, the per-process table, the probe plan (with\n"
+    "missed probes) and lost events.")
+
+TIMELINE_DESCRIPTION = (
+    "Write Chrome/Perfetto trace-event JSON: scan rounds become slices\n"
+    "on a ksmd track, merges and copy-on-write breaks instants on their\n"
+    "process's track, KSM page counts a counter track.")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser(
-        "record", help="record KSM's events and counters to a file",
-        description="Record every tick (counter poll, in-kernel aggregates, raw events)\n"
-        "to FILE, flushed tick by tick, until Ctrl-C, SIGTERM or --duration.\n"
-        "`report`, `timeline` and replay read it.",
-        epilog=EPILOG, formatter_class=fmt)
+    p = argtypes.subcommand(sub, "record", "record KSM's events and counters to a file",
+                            RECORD_DESCRIPTION, EPILOG)
     p.add_argument("-o", "--output", required=True, metavar="FILE",
                    help="recording to write (replaced if it exists)")
     p.add_argument("--duration", type=argtypes.duration, default=0.0, metavar="S",
@@ -74,12 +85,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     session.add_source_options(p, stream_default=True)
     p.set_defaults(func=run_record)
 
-    p = sub.add_parser(
-        "report", help="summarise a recording, stage by stage",
-        description="Replay a recording through the collector and report, per stage,\n"
-        "its totals and histograms, the per-process table, the probe plan (with\n"
-        "missed probes) and lost events.",
-        epilog=EPILOG, formatter_class=fmt)
+    p = argtypes.subcommand(sub, "report", "summarise a recording, stage by stage",
+                            REPORT_DESCRIPTION, EPILOG)
     p.add_argument("file", help="a recording made by `ksmtrace record`")
     p.add_argument("-j", "--json", action="store_true", help="one JSON object")
     p.add_argument("--by", choices=GROUPS, default="process",
@@ -87,12 +94,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "container, service) or per kind of workload")
     p.set_defaults(func=run_report)
 
-    p = sub.add_parser(
-        "timeline", help="a recording as Chrome/Perfetto trace-event JSON",
-        description="Write Chrome/Perfetto trace-event JSON: scan rounds become slices\n"
-        "on a ksmd track, merges and copy-on-write breaks instants on their\n"
-        "process's track, KSM page counts a counter track.",
-        epilog=EPILOG, formatter_class=fmt)
+    p = argtypes.subcommand(sub, "timeline", "a recording as Chrome/Perfetto trace-event JSON",
+                            TIMELINE_DESCRIPTION, EPILOG)
     p.add_argument("file", help="a recording made by `ksmtrace record`")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="trace JSON to write")
     p.set_defaults(func=run_timeline)

@@ -39,12 +39,14 @@ TENANTS = ("vm", "container")  # kinds whose sharing is the side-channel precond
 MATRIX_MAX = 12  # groups drawn as a matrix; beyond, the top pairs are listed
 
 
+DESCRIPTION = (
+    "Read every KSM process's page map and show which workloads (or\n"
+    "processes) map the same KSM page frames, and what a write storm would cost.")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "share", help="who shares KSM pages with whom (page maps; root)",
-        description="Read every KSM process's page map and show which workloads (or\n"
-        "processes) map the same KSM page frames, and what a write storm would cost.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argtypes.subcommand(sub, "share", "who shares KSM pages with whom (page maps; root)",
+                            DESCRIPTION, EPILOG)
     p.add_argument("--by", choices=("workload", "process"), default="workload",
                    help="group by workload (VM, container, service; default) or process")
     p.add_argument("-j", "--json", action="store_true", help="one JSON object")

@@ -46,15 +46,14 @@ columns (traced with BPF; '-' in --sysfs-only mode):
 """
 
 
+DESCRIPTION = (
+    "Print KSM's figures once per interval: scanning, merging, sharing, "
+    "copy-on-write breaks. Kernel counters are exact; traced figures come from BPF.")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "stat",
-        help="one line of KSM figures per interval (vmstat-like)",
-        description="Print KSM's figures once per interval: scanning, merging, sharing, "
-        "copy-on-write breaks. Kernel counters are exact; traced figures come from BPF.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argtypes.subcommand(sub, "stat", "one line of KSM figures per interval (vmstat-like)",
+                            DESCRIPTION, EPILOG)
     p.add_argument("interval", nargs="?", type=argtypes.seconds, default=1.0,
                    help="seconds (default 1)")
     p.add_argument("count", nargs="?", type=argtypes.count, default=0,

@@ -27,16 +27,16 @@ keys: enter page map · s sort · / filter · w why isn't it merging · e events
 """
 
 
+DESCRIPTION = (
+    "The live KSM observatory: searching, merging, counting and updating "
+    "as they happen, the processes that share pages, each one's page map, and why "
+    "nothing merges when nothing does.")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "top",
-        help="live terminal view of KSM's four stages, its processes and their pages",
-        description="The live KSM observatory: searching, merging, counting and updating "
-        "as they happen, the processes that share pages, each one's page map, and why "
-        "nothing merges when nothing does.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argtypes.subcommand(
+        sub, "top", "live terminal view of KSM's four stages, its processes and their pages",
+        DESCRIPTION, EPILOG)
     p.add_argument("-i", "--interval", type=argtypes.seconds, default=1.0,
                    help="seconds between samples (default 1)")
     p.add_argument("--demo", action="store_true",

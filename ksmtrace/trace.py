@@ -25,14 +25,13 @@ entries and duration, copy-on-write kind and latency.
 """
 
 
+DESCRIPTION = "Trace KSM's events as they happen, one line each."
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "trace",
-        help="one line per KSM event (scans, merges, COW breaks, removals)",
-        description="Trace KSM's events as they happen, one line each.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argtypes.subcommand(
+        sub, "trace", "one line per KSM event (scans, merges, COW breaks, removals)",
+        DESCRIPTION, EPILOG)
     p.add_argument("--stage", choices=STAGES, action="append",
                    help="only events of this stage (repeatable)")
     p.add_argument("-j", "--json", action="store_true", help="one JSON object per event")

@@ -50,16 +50,15 @@ is closed, a request must arrive whole within 10 s and its headers fit in
 """
 
 
+DESCRIPTION = (
+    "Serve KSM figures as Prometheus metrics: every KSM sysfs file, the traced "
+    "events of each stage (merges, failures by errno, scan rounds and their durations, COW "
+    "breaks, unmerges), the top processes and cgroups, and ksmtrace's own health.")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "export",
-        help="Prometheus exporter of KSM metrics (HTTP /metrics)",
-        description="Serve KSM figures as Prometheus metrics: every KSM sysfs file, the traced "
-        "events of each stage (merges, failures by errno, scan rounds and their durations, COW "
-        "breaks, unmerges), the top processes and cgroups, and ksmtrace's own health.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argtypes.subcommand(sub, "export", "Prometheus exporter of KSM metrics (HTTP /metrics)",
+                            DESCRIPTION, EPILOG)
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="ADDR:PORT",
                    help=f"address to serve /metrics on (default {DEFAULT_LISTEN}; "
                    f"':{DEFAULT_PORT}' or '0.0.0.0:{DEFAULT_PORT}' for every interface)")

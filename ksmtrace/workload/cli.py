@@ -73,141 +73,61 @@ exit status: 0 when every figure matched the prediction, 1 when one did not
 
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Add `workload` to a subparsers object; `run_cli` runs it."""
-    p = subparsers.add_parser(
-        "workload",
-        help="run a KSM workload and compare the kernel's figures with the prediction",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argtypes.subcommand(
+        subparsers, "workload",
+        "run a KSM workload and compare the kernel's figures with the prediction",
+        DESCRIPTION, EPILOG)
     shape = p.add_argument_group("shape")
-    shape.add_argument(
-        "-n",
-        "--processes",
-        type=argtypes.positive,
-        default=2,
-        metavar="N",
-        help="child processes (default 2)",
-    )
-    shape.add_argument(
-        "-p",
-        "--pages",
-        type=argtypes.count,
-        default=1000,
-        metavar="M",
-        help="duplicate pages per process (default 1000)",
-    )
-    shape.add_argument(
-        "-d",
-        "--distinct",
-        type=argtypes.positive,
-        default=10,
-        metavar="D",
-        help="distinct contents among them, page i has content i%%D (default 10)",
-    )
-    shape.add_argument(
-        "-u",
-        "--unique-pages",
-        type=argtypes.count,
-        default=0,
-        metavar="U",
-        help="extra pages per process that never merge (default 0)",
-    )
-    shape.add_argument(
-        "-z",
-        "--zero-pages",
-        type=argtypes.count,
-        default=0,
-        metavar="Z",
-        help="extra all-zero pages per process (default 0)",
-    )
-    shape.add_argument(
-        "--register",
-        choices=("madvise", "prctl"),
-        default="madvise",
-        help="madvise(MADV_MERGEABLE) on the area, or "
-        "prctl(PR_SET_MEMORY_MERGE) before mapping it (default madvise)",
-    )
+    shape.add_argument("-n", "--processes", type=argtypes.positive, default=2, metavar="N",
+                       help="child processes (default 2)")
+    shape.add_argument("-p", "--pages", type=argtypes.count, default=1000, metavar="M",
+                       help="duplicate pages per process (default 1000)")
+    shape.add_argument("-d", "--distinct", type=argtypes.positive, default=10, metavar="D",
+                       help="distinct contents among them, page i has content i%%D (default 10)")
+    shape.add_argument("-u", "--unique-pages", type=argtypes.count, default=0, metavar="U",
+                       help="extra pages per process that never merge (default 0)")
+    shape.add_argument("-z", "--zero-pages", type=argtypes.count, default=0, metavar="Z",
+                       help="extra all-zero pages per process (default 0)")
+    shape.add_argument("--register", choices=("madvise", "prctl"), default="madvise",
+                       help="madvise(MADV_MERGEABLE) on the area, or "
+                       "prctl(PR_SET_MEMORY_MERGE) before mapping it (default madvise)")
     ksmd = p.add_argument_group("ksmd")
-    ksmd.add_argument(
-        "--drive-ksmd",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="set pages_to_scan, sleep_millisecs=0, run=1 while running and "
-        "restore them after (default: on)",
-    )
-    ksmd.add_argument(
-        "--pages-to-scan",
-        type=argtypes.positive,
-        default=None,
-        metavar="N",
-        help=f"pages_to_scan when driving ksmd (default {MAX_PAGES_TO_SCAN})",
-    )
-    ksmd.add_argument(
-        "--use-zero-pages",
-        type=int,
-        choices=(0, 1),
-        default=None,
-        help="use_zero_pages while running (default: leave as it is)",
-    )
-    ksmd.add_argument(
-        "--timeout",
-        type=argtypes.seconds,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help="give up waiting for ksmd when its figures have not changed for this long "
-        f"(default {DEFAULT_TIMEOUT:g})",
-    )
+    ksmd.add_argument("--drive-ksmd", action=argparse.BooleanOptionalAction, default=True,
+                      help="set pages_to_scan, sleep_millisecs=0, run=1 while running and "
+                      "restore them after (default: on)")
+    ksmd.add_argument("--pages-to-scan", type=argtypes.positive, default=None, metavar="N",
+                      help=f"pages_to_scan when driving ksmd (default {MAX_PAGES_TO_SCAN})")
+    ksmd.add_argument("--use-zero-pages", type=int, choices=(0, 1), default=None,
+                      help="use_zero_pages while running (default: leave as it is)")
+    ksmd.add_argument("--timeout", type=argtypes.seconds, default=DEFAULT_TIMEOUT,
+                      metavar="SECONDS",
+                      help="give up waiting for ksmd when its figures have not changed for "
+                      f"this long (default {DEFAULT_TIMEOUT:g})")
     phases = p.add_argument_group("phases")
-    phases.add_argument(
-        "--cow-fraction",
-        type=argtypes.fraction,
-        default=0.0,
-        metavar="F",
-        help="after merging, write to this fraction (0..1) of each "
-        "process's merged pages (default 0)",
-    )
-    phases.add_argument(
-        "--cow-rate",
-        type=argtypes.rate,
-        default=0.0,
-        metavar="PAGES/S",
-        help="COW writes per second, all processes together (default 0: as fast as possible)",
-    )
-    phases.add_argument(
-        "--state",
-        action="append",
-        default=[],
-        type=_page_state,
-        metavar="STATE[:F]",
-        help="after merging, put fraction F (default 0.5) of each process's merged pages "
-        "not yet in a state into STATE, before any COW: protnone (mprotect PROT_NONE; "
-        "COW writes to them go through /proc/self/mem), uffd_wp (userfaultfd "
-        "write-protected; never written), discard (MADV_DONTNEED); repeatable. "
-        "See docs/cow-breaks.md",
-    )
-    phases.add_argument(
-        "--unmerge",
-        action="store_true",
-        help="finally unmerge (MADV_UNMERGEABLE, or PR_SET_MEMORY_MERGE 0)",
-    )
-    phases.add_argument(
-        "--hold",
-        type=argtypes.duration,
-        nargs="?",
-        const=math.inf,
-        default=0.0,
-        metavar="SECONDS",
-        help="keep the processes alive this long at the end; without a value, until Ctrl-C",
-    )
-    phases.add_argument(
-        "--loop",
-        action="store_true",
-        help="repeat merge, COW storm (--cow-fraction, default 0.3), re-merge until Ctrl-C",
-    )
-    p.add_argument(
-        "-j", "--json", action="store_true", help="print one JSON object per phase instead of text"
-    )
+    phases.add_argument("--cow-fraction", type=argtypes.fraction, default=0.0, metavar="F",
+                        help="after merging, write to this fraction (0..1) of each "
+                        "process's merged pages (default 0)")
+    phases.add_argument("--cow-rate", type=argtypes.rate, default=0.0, metavar="PAGES/S",
+                        help="COW writes per second, all processes together (default 0: as "
+                        "fast as possible)")
+    phases.add_argument("--state", action="append", default=[], type=_page_state,
+                        metavar="STATE[:F]",
+                        help="after merging, put fraction F (default 0.5) of each process's "
+                        "merged pages not yet in a state into STATE, before any COW: protnone "
+                        "(mprotect PROT_NONE; COW writes to them go through /proc/self/mem), "
+                        "uffd_wp (userfaultfd write-protected; never written), discard "
+                        "(MADV_DONTNEED); repeatable. See docs/cow-breaks.md")
+    phases.add_argument("--unmerge", action="store_true",
+                        help="finally unmerge (MADV_UNMERGEABLE, or PR_SET_MEMORY_MERGE 0)")
+    phases.add_argument("--hold", type=argtypes.duration, nargs="?", const=math.inf,
+                        default=0.0, metavar="SECONDS",
+                        help="keep the processes alive this long at the end; without a value, "
+                        "until Ctrl-C")
+    phases.add_argument("--loop", action="store_true",
+                        help="repeat merge, COW storm (--cow-fraction, default 0.3), re-merge "
+                        "until Ctrl-C")
+    p.add_argument("-j", "--json", action="store_true",
+                   help="print one JSON object per phase instead of text")
     p.set_defaults(func=run_cli)
     return p
 
