@@ -301,12 +301,14 @@ def _why_not(c: Candidate, f: Facts) -> str | None:
             return "no BTF (/sys/kernel/btf/vmlinux): fentry needs it"
         for fn in c.targets:
             if not f.btf_funcs.get(fn, False):
-                inl = " (inlined)" if not f.kallsyms.get(fn, False) else ""
+                inl = " (inlined)" if f.kallsyms and not f.kallsyms.get(fn, False) else ""
                 return f"{fn} has no BTF FUNC record{inl}"
         if not f.fentry.ok:
             return "fentry is not usable on this kernel (see the fentry trial)"
         return None
     if c.method == "kprobe":
+        if not f.kallsyms:  # not read: the kernel has no kprobes
+            return f"kprobes are not usable on this kernel: {f.kprobe.detail}"
         for fn in c.targets:
             if not f.kallsyms.get(fn, False):
                 return f"{fn} not in kallsyms (inlined or absent)"
@@ -471,6 +473,16 @@ def _run_trials(specs: list[str], env: dict[str, str]) -> dict[str, Trial]:
     return out
 
 
+NO_KPROBES = ("the kernel has no kprobe PMU and no kprobe_events file: it was built "
+              "without CONFIG_KPROBES")
+
+
+def kprobes_possible(root: str | os.PathLike, tracefs_path: str | None) -> bool:
+    """A kprobe PMU or a kprobe_events file: without both, no kprobe attaches."""
+    return ((Path(root) / "sys/bus/event_source/devices/kprobe").exists()
+            or (tracefs_path is not None and (Path(tracefs_path) / "kprobe_events").exists()))
+
+
 def explain_failure(trial: str, error: str | None, said: tuple[str, ...]) -> str:
     """Turn bcc's generic message and the kernel's words into a cause a user can act on."""
     text = " ".join(said) + " " + (error or "")
@@ -480,10 +492,7 @@ def explain_failure(trial: str, error: str | None, said: tuple[str, ...]) -> str
         and "kprobe_events" in text
         and not Path("/sys/bus/event_source/devices/kprobe").exists()
     ):
-        return (
-            "the kernel has no kprobe PMU and no kprobe_events file: it was built "
-            "without CONFIG_KPROBES"
-        )
+        return NO_KPROBES
     if "Operation not permitted" in text:
         where = {"fentry": "a BPF tracing (fentry/fexit) program"}.get(kind, "the program")
         return (
@@ -511,8 +520,13 @@ def probe_host(
     for t in OTHER_TRACEPOINTS:
         cat, ev = t.split(":")
         tps[t] = tracefs.tracepoint_exists(tfs.path, cat, ev)
-    kall = symbols.kallsyms_names(root, set(KSM_FUNCTIONS))
-    btf = symbols.btf_func_names(root)
+    # kallsyms (5 MB made on each read) only matters to kprobes: not read where
+    # the kernel has none, except when doctor asks for everything (`fresh`)
+    kall = (symbols.kallsyms_names(root, set(KSM_FUNCTIONS))
+            if fresh or kprobes_possible(root, tfs.path) else None)
+    vmlinux = symbols.read_btf(root, set(KSM_FUNCTIONS), symbols.LAYOUT_FIELDS,
+                               symbols.LAYOUT_ENUMS)
+    btf = vmlinux.funcs
     bcc = bcc_version()
     hdr = headers_mod.find_headers(root, build=is_root)
 
@@ -531,7 +545,8 @@ def probe_host(
         if hdr.origin != "running-kernel":
             env["BCC_KERNEL_SOURCE"] = hdr.path
         # Trial on a KSM function where one exists: proves the mechanism *and* the target.
-        target = next((f for f in ("try_to_merge_one_page", "do_wp_page") if f in kall), None)
+        target = next((f for f in ("try_to_merge_one_page", "do_wp_page") if f in (kall or ())),
+                      None)
         btarget = next(
             (f for f in ("try_to_merge_one_page", "do_wp_page") if btf and f in btf), None
         )
@@ -547,7 +562,8 @@ def probe_host(
             specs.append(f"tracepoint:{tp_target}")
         specs.append("ringbuf")
         res = _run_trials(specs, env) if fresh else _cached_trials(specs, env)
-        kp = res.get(f"kprobe:{target}", Trial(None, "no KSM function in kallsyms to try"))
+        kp = res.get(f"kprobe:{target}", Trial(None, "no KSM function in kallsyms to try")
+                     if kall is not None else Trial(False, NO_KPROBES))
         fe = res.get(f"fentry:{btarget}", Trial(None, "no KSM function in BTF to try"))
         tp = res.get(f"tracepoint:{tp_target}", Trial(None, "no tracepoint to try"))
         rb = res["ringbuf"]
@@ -560,7 +576,7 @@ def probe_host(
         tracefs=tfs.path,
         tracefs_note=tfs.note,
         tracepoints=tps,
-        kallsyms={f: f in kall for f in KSM_FUNCTIONS},
+        kallsyms={} if kall is None else {f: f in kall for f in KSM_FUNCTIONS},
         btf=btf is not None,
         btf_funcs={f: (btf is not None and f in btf) for f in KSM_FUNCTIONS},
         bcc=bcc,
@@ -569,7 +585,7 @@ def probe_host(
         fentry=fe,
         tracepoint=tp,
         ringbuf=rb,
-        layout=symbols.btf_layout(root),
+        layout=vmlinux.layout,
     )
 
 

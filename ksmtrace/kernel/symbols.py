@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 BTF_MAGIC = 0xEB9F
@@ -47,49 +48,34 @@ def btf_path(root: str | os.PathLike = "/") -> Path:
 
 def btf_func_names(root: str | os.PathLike = "/") -> set[str] | None:
     """Names of every BTF FUNC in vmlinux BTF, or None when there is no BTF."""
+    ids = read_btf(root).funcs
+    return None if ids is None else set(ids)
+
+
+def btf_func_ids(root: str | os.PathLike = "/", wanted: set[str] | None = None
+                 ) -> dict[str, int]:
+    """BTF FUNC name -> its type id in vmlinux BTF (what an fentry program
+    is loaded for), of the `wanted` functions (None: all); empty without BTF."""
+    return read_btf(root, wanted).funcs or {}
+
+
+@dataclass(frozen=True)
+class Btf:
+    funcs: dict[str, int] | None  # FUNC name -> type id; None: no BTF
+    layout: dict[str, int]  # see parse_btf
+
+
+def read_btf(root: str | os.PathLike = "/", funcs: set[str] | None = None,
+             fields: set[str] | frozenset[str] = frozenset(),
+             enums: set[str] | frozenset[str] = frozenset()) -> Btf:
+    """vmlinux BTF read and walked once: the `funcs` asked for (None: every
+    one) and the layout of `fields` and `enums`. No BTF, or BTF that does not
+    parse: funcs None, no layout."""
     try:
         data = btf_path(root).read_bytes()
-    except OSError:
-        return None
-    return parse_btf_funcs(data)
-
-
-def parse_btf_funcs(data: bytes) -> set[str]:
-    return set(parse_btf_func_ids(data))
-
-
-def btf_func_ids(root: str | os.PathLike = "/") -> dict[str, int]:
-    """BTF FUNC name -> its type id in vmlinux BTF (what an fentry program
-    is loaded for); empty without BTF."""
-    try:
-        return parse_btf_func_ids(btf_path(root).read_bytes())
-    except (OSError, ValueError):
-        return {}
-
-
-def parse_btf_func_ids(data: bytes) -> dict[str, int]:
-    magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
-    if magic != BTF_MAGIC:
-        raise ValueError(f"not BTF (magic {magic:#x})")
-    type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
-    types = hdr_len + type_off
-    strings = hdr_len + str_off
-    end = types + type_len
-    ids: dict[str, int] = {}
-    off = types
-    tid = 0  # type ids count from 1 (0 is void), in the order of the type section
-    unpack = struct.Struct("<III").unpack_from
-    while off < end:
-        tid += 1
-        name_off, info, _size = unpack(data, off)
-        kind = (info >> 24) & 0x1F
-        vlen = info & 0xFFFF
-        off += 12 + _EXTRA_FIXED.get(kind, 0) + _EXTRA_PER_VLEN.get(kind, 0) * vlen
-        if kind == BTF_KIND_FUNC and name_off:
-            s = strings + name_off
-            ids.setdefault(data[s : data.index(b"\0", s)].decode(), tid)
-    return ids
-
+        return Btf(*parse_btf(data, funcs, fields, enums))
+    except (OSError, ValueError, struct.error):
+        return Btf(None, {})
 
 
 BTF_KIND_STRUCT = 4
@@ -98,16 +84,19 @@ BTF_KIND_ENUM = 6
 _MODIFIERS = (8, 9, 10, 11, 18)  # typedef, volatile, const, restrict, type_tag
 
 
-def parse_btf_layout(
-    data: bytes, fields: set[str], enums: set[str] | frozenset[str] = frozenset()
-) -> dict[str, int]:
-    """Byte offsets of struct members ("vm_fault.vma", "page.mapping"), struct
-    sizes ("page.@size") and enumerator values ("FAULT_FLAG_UNSHARE"), from BTF.
+def parse_btf(
+    data: bytes, funcs: set[str] | None, fields: set[str] | frozenset[str] = frozenset(),
+    enums: set[str] | frozenset[str] = frozenset(),
+) -> tuple[dict[str, int], dict[str, int]]:
+    """One walk of the type section: FUNC name -> type id (of `funcs`; None:
+    all), and the layout: byte offsets of struct members ("vm_fault.vma",
+    "page.mapping"), struct sizes ("page.@size") and enumerator values
+    ("FAULT_FLAG_UNSHARE").
 
-    BPF programs that read kernel structs get these as -D flags, so they never
-    depend on the (possibly mismatched) headers bcc compiles against. Members
-    inside anonymous structs/unions are found (struct page.mapping is one);
-    bitfields are not.
+    BPF programs that read kernel structs get the layout as -D flags, so they
+    never depend on the (possibly mismatched) headers bcc compiles against.
+    Members inside anonymous structs/unions are found (struct page.mapping is
+    one); bitfields are not.
     """
     magic, _v, _f, hdr_len = struct.unpack_from("<HBBI", data, 0)
     if magic != BTF_MAGIC:
@@ -121,7 +110,9 @@ def parse_btf_layout(
         return data[s : data.index(b"\0", s)].decode()
 
     wanted_structs = {f.split(".", 1)[0] for f in fields}
-    table: list[tuple[int, int, int, int, int]] = [(0, 0, 0, 0, 0)]  # id 0 is void
+    # type ids count from 1 (0 is void), in the order of the type section
+    table: list[tuple[int, int, int, int, int]] = [(0, 0, 0, 0, 0)]
+    ids: dict[str, int] = {}
     out: dict[str, int] = {}
     off = types_at
     unpack = struct.Struct("<III").unpack_from
@@ -129,12 +120,16 @@ def parse_btf_layout(
         name_off, info, size_or_type = unpack(data, off)
         kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
         body = off + 12
-        table.append((kind, name_off, info, body, size_or_type))
-        if kind == BTF_KIND_ENUM and enums:
+        if kind == BTF_KIND_FUNC and name_off:
+            fn = name(name_off)
+            if funcs is None or fn in funcs:
+                ids.setdefault(fn, len(table))
+        elif kind == BTF_KIND_ENUM and enums:
             for i in range(vlen):
                 e_name, e_val = struct.unpack_from("<Ii", data, body + 8 * i)
                 if name(e_name) in enums:
                     out[name(e_name)] = e_val
+        table.append((kind, name_off, info, body, size_or_type))
         off = body + _EXTRA_FIXED.get(kind, 0) + _EXTRA_PER_VLEN.get(kind, 0) * vlen
 
     def members(tid: int, base: int, prefix: str) -> None:
@@ -154,11 +149,12 @@ def parse_btf_layout(
             if table[t][0] in (BTF_KIND_STRUCT, BTF_KIND_UNION):
                 members(t, base + bit // 8, prefix)
 
-    for tid, (kind, name_off, _info, _body, size) in enumerate(table):
-        if kind == BTF_KIND_STRUCT and name_off and name(name_off) in wanted_structs:
-            members(tid, 0, name(name_off))
-            out.setdefault(f"{name(name_off)}.@size", size)
-    return {k: v for k, v in out.items() if k in fields or k in enums}
+    if wanted_structs:
+        for tid, (kind, name_off, _info, _body, size) in enumerate(table):
+            if kind == BTF_KIND_STRUCT and name_off and name(name_off) in wanted_structs:
+                members(tid, 0, name(name_off))
+                out.setdefault(f"{name(name_off)}.@size", size)
+    return ids, {k: v for k, v in out.items() if k in fields or k in enums}
 
 
 # What the BPF programs read from kernel structs (bpf/ksmtrace.bpf.c OFF_*).
@@ -173,12 +169,3 @@ LAYOUT_FIELDS = {
     "page.@size",
 }
 LAYOUT_ENUMS = {"FAULT_FLAG_UNSHARE"}
-
-
-def btf_layout(root: str | os.PathLike = "/") -> dict[str, int]:
-    """The struct layout facts the BPF programs need, from this kernel's BTF."""
-    try:
-        data = btf_path(root).read_bytes()
-    except OSError:
-        return {}
-    return parse_btf_layout(data, LAYOUT_FIELDS, LAYOUT_ENUMS)

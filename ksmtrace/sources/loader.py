@@ -235,7 +235,8 @@ def load(bundle: Bundle, tracefs: str, btf_root: str = "/") -> Loaded:
             kind, target = _kind(p.name)
             attach_type = btf_id = 0
             if kind in ("fentry", "fexit"):
-                btf = btf if btf is not None else symbols.btf_func_ids(btf_root)
+                btf = btf if btf is not None else symbols.btf_func_ids(
+                    btf_root, {_kind(q.name)[1] for q in bundle.programs})
                 if target not in btf:
                     raise KsmtraceError(f"no BTF record for {target}: fentry cannot attach",
                                         "use `--attach kprobe`; `ksmtrace doctor` explains")
