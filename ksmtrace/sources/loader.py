@@ -260,6 +260,7 @@ class RingBuffer:
     copied, so the kernel never reuses space still being read."""
 
     BUSY, DISCARD = 1 << 31, 1 << 30
+    RELEASE_EVERY = 64  # records read between two updates of the consumer position
 
     def __init__(self, fd: int, size: int):
         page = mmap.PAGESIZE
@@ -280,20 +281,29 @@ class RingBuffer:
         self._poll.poll(timeout_s)
 
     def consume(self, on_record: Callable[[bytes], None]) -> int:
-        cons = struct.unpack_from("<Q", self._cons, 0)[0]
-        prod = struct.unpack_from("<Q", self._prod, 0)[0]
-        data, base, n = self._prod, self._page, 0
-        while cons < prod:
-            at = base + (cons & self.mask)
-            length = struct.unpack_from("<I", data, at)[0]
-            if length & self.BUSY:
-                break  # being written: the next call takes it
-            size = length & ~(self.BUSY | self.DISCARD)
-            if not length & self.DISCARD:
-                on_record(data[at + 8 : at + 8 + size])
-                n += 1
-            cons += (size + 8 + 7) // 8 * 8
-        struct.pack_into("<Q", self._cons, 0, cons)
+        """The records written so far, and those written while these are read,
+        up to one buffer's worth (the caller's ticks go on under any stream);
+        their space goes back to the kernel every RELEASE_EVERY records, so a
+        burst longer than the buffer keeps flowing while it is read."""
+        cons = start = struct.unpack_from("<Q", self._cons, 0)[0]
+        data, base, n, seen = self._prod, self._page, 0, 0
+        while (cons - start < self.size
+               and cons < (prod := struct.unpack_from("<Q", self._prod, 0)[0])):
+            while cons < prod:
+                at = base + (cons & self.mask)
+                length = struct.unpack_from("<I", data, at)[0]
+                if length & self.BUSY:
+                    struct.pack_into("<Q", self._cons, 0, cons)
+                    return n  # being written: the next call takes it
+                size = length & ~(self.BUSY | self.DISCARD)
+                if not length & self.DISCARD:
+                    on_record(data[at + 8 : at + 8 + size])
+                    n += 1
+                cons += (size + 8 + 7) // 8 * 8
+                seen += 1
+                if seen % self.RELEASE_EVERY == 0:
+                    struct.pack_into("<Q", self._cons, 0, cons)
+            struct.pack_into("<Q", self._cons, 0, cons)
         return n
 
     def close(self) -> None:
