@@ -223,19 +223,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def child_main() -> int:
-    """`python -m ksmtrace.share`: the exporter's reader of the sharing map,
-    run as a child so that the exporter itself never maps numpy. One sharing
-    map by workload as JSON on stdout (no groups when no process uses KSM);
-    an error on stderr and exit 1 otherwise."""
+def child_main(top: int) -> int:
+    """`python -m ksmtrace.share TOP`: the exporter's reader of the sharing
+    map, run as a child so that the exporter itself never maps numpy. As JSON
+    on stdout, what the exporter serves of the map by workload: the number of
+    workloads, the TOP pairs, the findings, MemAvailable and the read's cost.
+    The whole map (every pair, the matrix) grows with the square of the
+    workloads, and the exporter would hold it. An error on stderr and exit 1."""
     try:
         r = summarise(sample_sharing(), "workload")
     except (KsmtraceError, OSError) as e:
         print(e.message if isinstance(e, KsmtraceError) else str(e), file=sys.stderr)
         return 1
-    sys.stdout.write(json.dumps(r))
+    sys.stdout.write(json.dumps({
+        "groups": len(r["groups"]), "pairs": r["pairs"][:top], "findings": r["findings"],
+        "mem_available": r["mem_available"], "seconds": r["seconds"]}))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(child_main())
+    raise SystemExit(child_main(int(sys.argv[1])))

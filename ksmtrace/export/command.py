@@ -197,7 +197,7 @@ class SharingThread(threading.Thread):
     def _read(self) -> dict:
         from ksmtrace.spawn import python_argv
 
-        p = subprocess.Popen(python_argv("ksmtrace.share"), stdin=subprocess.DEVNULL,
+        p = subprocess.Popen(python_argv("ksmtrace.share", str(self.top)), stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self._child = p
         try:

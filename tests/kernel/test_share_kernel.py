@@ -224,6 +224,33 @@ def test_a_forked_child_maps_its_parents_ksm_pages_without_counting_them():
                            "bytes": 4 * PAGE_SIZE}]
 
 
+def test_the_exporters_reader_hands_back_only_what_is_served(quiet_ksm):
+    """The exporter's child (`python -m ksmtrace.share TOP`) hands back the
+    TOP pairs of the whole map, not every pair: with N workloads the whole
+    map has N(N-1)/2 pairs, and the exporter would hold them all."""
+    import json
+    import subprocess
+
+    from ksmtrace.spawn import python_argv
+
+    with Workload(WorkloadSpec(processes=4, pages=200, distinct=4)) as w:
+        w.wait_merged()
+        with sysfs.KsmKnobs() as k:
+            k.set(run=0)
+            whole = summarise(sample_sharing(), "workload")
+            out = subprocess.run(python_argv("ksmtrace.share", "2"), capture_output=True,
+                                 check=True, timeout=120).stdout
+    served = json.loads(out)
+    assert len(whole["groups"]) == served["groups"] == 4
+    assert len(whole["pairs"]) == 6
+    assert served["pairs"] == whole["pairs"][:2]
+    def facts(r):  # MemAvailable moves between the two readings; the pages do not
+        return [(f["what"], f.get("frames"), f.get("bytes"), f.get("groups"))
+                for f in r["findings"]]
+    assert facts(served) == facts(whole) != []
+    assert set(served) == {"groups", "pairs", "findings", "mem_available", "seconds"}
+
+
 def test_share_needs_root_and_says_so(as_nobody):
     import subprocess
 
