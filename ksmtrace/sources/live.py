@@ -23,6 +23,7 @@ from ksmtrace.kernel import headers as headers_mod
 from ksmtrace.kernel import sysfs, tracefs
 from ksmtrace.kernel.capabilities import Facts, Plan, bcc_version
 from ksmtrace.model import (
+    EVENT_SIZE,
     BpfTotals,
     MmStats,
     ProbeStatus,
@@ -107,7 +108,7 @@ class LiveSource:
             self._attach_kprobes()
             if self.spec.stream == 1:
                 events = self._bpf.maps["events"]
-                self._ring = loader.RingBuffer(events.fd, events.spec.max_entries)
+                self._ring = loader.RingBuffer(events.fd, events.spec.max_entries, EVENT_SIZE)
             if "COW_FN" in self.spec.parts:
                 self._calibrate_page_base()
             self._programs = {program_name(k): fd for k, fd in self._bpf.programs.items()}
@@ -195,16 +196,13 @@ class LiveSource:
         self.close()
 
     # --------------------------------------------------------------- events
-    def _on_event(self, record: bytes) -> None:
-        self._events += record
-
     def poll(self, timeout_s: float) -> None:
         if self._ring is not None:
             # the programs wake us at most every 10 ms (bpf/ksmtrace.bpf.c):
             # wait for a wake-up or the timeout, then take everything there,
             # woken for or not
             self._ring.poll(max(0.0, timeout_s))
-            self._ring.consume(self._on_event)
+            self._ring.consume(self._events)
         else:
             time.sleep(timeout_s)
 
@@ -366,7 +364,7 @@ class LiveSource:
         c = counters.sample(self.root, pids=self.pids)
         self.resolve_owners([p.pid for p in c.processes])
         if self._ring is not None:
-            self._ring.consume(self._on_event)  # what is already there
+            self._ring.consume(self._events)  # what is already there
         owners, comms = self.read_owners()
         self._owner_pids = set(owners.values())
         self._drain_exited(owners)
