@@ -2,14 +2,10 @@
 (quick: 1,000) start, have their pages merged by ksmd, break one page and
 exit, at most ALIVE of them at once, while the real agent runs.
 
-- The agent: `ksmtrace export` (live BPF, default options but
-  `--sharing-interval 0`) on a free localhost port, scraped every second,
-  as Prometheus would. The sharing map is off: its reading (every KSM
-  process's page map, each 60 s) costs with the KSM processes alive, not
-  with the churn, and its first reading in a run of this bench raised the
-  exporter's RSS by 12 MiB at once (200 KSM processes alive), which would
-  hide the per-mm tables' figure; it is a finding of its own. Its VmRSS and
-  RssAnon, the size of each scrape (bytes, series) and its
+- The agent: `ksmtrace export` (live BPF, default options, the sharing map
+  read every 60 s included) on a free localhost port, scraped every second,
+  as Prometheus would. Its VmRSS and RssAnon, the size of each scrape
+  (bytes, series) and its
   `ksmtrace_processes` / `ksmtrace_processes_other` gauges are sampled every
   STEP processes started (1,000; quick: 100).
 - Its kernel maps: the per-mm LRU hashes `mm_stats` and `owners` (MAX_MMS
@@ -327,8 +323,7 @@ def _measure(knobs, children: list[_Child], total: int, alive: int, step: int) -
     from ksmtrace.kernel import procfs
 
     port = _port()
-    export = _Child(python_argv("ksmtrace", "export", "--listen", f"127.0.0.1:{port}",
-                                "--sharing-interval", "0"),
+    export = _Child(python_argv("ksmtrace", "export", "--listen", f"127.0.0.1:{port}"),
                     "ksmtrace export", stdin=False)
     children.append(export)
     twin = _Child([sys.executable, str(Path(__file__).resolve()), "--twin"], "the twin agent",
@@ -416,7 +411,7 @@ def rows_from(r: dict) -> list[dict]:
         row("churn: processes per second", total / r["seconds"], "processes/s", None, None,
             f"{total:,} in {r['seconds']:.1f} s; each lived about {HOLD_S:g} s once merged"),
         row(f"agent RSS at {n['1k']:,} processes", first["rss"], "MiB", None, None,
-            f"ksmtrace export (live BPF, defaults but --sharing-interval 0) scraped every "
+            f"ksmtrace export (live BPF, default options) scraped every "
             f"second; anonymous "
             f"{first['anon']:.1f} MiB; before the churn {samples[0]['rss']:.1f} MiB"),
         row(f"agent RSS at {total:,} processes", end["rss"], "MiB", None, None,
