@@ -193,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     explain_file = BENCH / "ANALYSIS.md"
     explain = explain_file.read_text() if explain_file.exists() else ""
-    Path(args.output).write_text(results_md(m, rows, times, args.quick, explain))
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the figures were measured: keep them
+    out.write_text(results_md(m, rows, times, args.quick, explain))
     print(f"\nbench: wrote {args.output}", file=sys.stderr)
     return 0 if ok else 1
 
