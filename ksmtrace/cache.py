@@ -22,6 +22,14 @@ def base() -> Path:
     return Path(os.environ.get("KSMTRACE_CACHE", DEFAULT))
 
 
+def boot_id() -> str | None:
+    """This boot's id: what holds for a running kernel is cached under it."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
 def _trusted(st: os.stat_result, directory: bool) -> bool:
     kind = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
     mask = 0o022 if directory else 0o077

@@ -410,13 +410,6 @@ def bcc_version() -> str | None:
     return None
 
 
-def _boot_id() -> str | None:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-
-
 def _cached_trials(specs: list[str], env: dict[str, str]) -> dict[str, Trial]:
     """_run_trials, remembered for this boot of this kernel (what a mechanism
     can do does not change while the kernel runs): the bcc child that proves
@@ -425,7 +418,7 @@ def _cached_trials(specs: list[str], env: dict[str, str]) -> dict[str, Trial]:
 
     from ksmtrace import cache
 
-    boot = _boot_id()
+    boot = cache.boot_id()
     if boot is None:
         return _run_trials(specs, env)
     key = hashlib.sha256("\0".join([boot, platform.release(), str(bcc_version()),
@@ -525,7 +518,7 @@ def probe_host(
     kall = (symbols.kallsyms_names(root, set(KSM_FUNCTIONS))
             if fresh or kprobes_possible(root, tfs.path) else None)
     vmlinux = symbols.read_btf(root, set(KSM_FUNCTIONS), symbols.LAYOUT_FIELDS,
-                               symbols.LAYOUT_ENUMS)
+                               symbols.LAYOUT_ENUMS, cached=not fresh)
     btf = vmlinux.funcs
     bcc = bcc_version()
     hdr = headers_mod.find_headers(root, build=is_root)

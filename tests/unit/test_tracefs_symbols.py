@@ -1,7 +1,12 @@
 """tracefs discovery and the kallsyms reader, on trees recorded from the host."""
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
+
+import msgspec
+import pytest
 
 from ksmtrace.kernel import symbols, tracefs
 
@@ -37,3 +42,40 @@ def test_kallsyms_reader_finds_text_symbols_only(tmp_path):
 
 def test_no_btf_is_none(tmp_path):
     assert symbols.btf_func_names(tmp_path) is None
+
+
+@pytest.fixture
+def btf_cache(monkeypatch):
+    """A cache under /run (root-owned, not world-writable), as root, on a
+    kernel with BTF."""
+    if os.geteuid() != 0 or not symbols.btf_path().exists():
+        pytest.skip("the cache is root's; needs /sys/kernel/btf/vmlinux")
+    base = Path(tempfile.mkdtemp(prefix="ksmtrace-test-cache.", dir="/run"))
+    monkeypatch.setenv("KSMTRACE_CACHE", str(base))
+    yield base / "btf"
+    shutil.rmtree(base)
+
+
+def _read(cached: bool = True) -> symbols.Btf:
+    return symbols.read_btf("/", {"do_wp_page", "break_ksm"}, symbols.LAYOUT_FIELDS,
+                            symbols.LAYOUT_ENUMS, cached=cached)
+
+
+def test_btf_facts_are_remembered_for_the_boot_and_tampering_reads_as_absent(btf_cache):
+    walked = _read(cached=False)
+    assert walked.funcs and set(walked.funcs) <= {"do_wp_page", "break_ksm"}
+    assert walked.layout["page.@size"] > 0
+    assert _read() == walked  # walked, then written
+    (entry,) = btf_cache.iterdir()
+    assert entry.stat().st_mode & 0o777 == 0o600
+    assert _read() == walked  # read back
+    for bad in (b"{", b'{"funcs": {"do_wp_page": "x"}, "layout": {}}', b"[]"):
+        entry.write_bytes(bad)
+        assert _read() == walked  # walked again, and replaced
+        assert msgspec.json.decode(entry.read_bytes(), type=symbols.Btf) == walked
+    entry.write_bytes(msgspec.json.encode(symbols.Btf({"do_wp_page": 1}, {})))
+    os.chmod(entry, 0o644)  # readable by others: not trusted
+    assert _read() == walked
+    # another set of functions is another entry
+    symbols.read_btf("/", {"do_wp_page"}, cached=True)
+    assert len(list(btf_cache.iterdir())) == 2
