@@ -149,16 +149,16 @@ def churner_main(total: int, alive: int, step: int) -> int:
 def twin_main() -> int:
     """Child: the live source and collector ticking every second, as `export`
     does; for each line on stdin, one JSON line of its tables' sizes."""
-    from ksmtrace.collector import Collector
+    from ksmtrace.collector import observe
     from ksmtrace.kernel import capabilities as caps
     from ksmtrace.sources import counters
     from ksmtrace.sources.live import LiveSource
 
     facts = caps.probe_host()
     src = LiveSource(facts, caps.plan(facts, os.environ.get("KSMTRACE_ATTACH")), bpf_stats=False)
-    with src:
-        col = Collector.for_source(src)
-        col.add_tick(src.tick())
+    with observe(src) as obs:
+        col = obs.collector
+        obs.sample()
         print("ready", flush=True)
         next_t = time.monotonic() + 1.0
         while True:
@@ -180,7 +180,7 @@ def twin_main() -> int:
                     }
                     print(json.dumps({"sizes": sizes, **_status(os.getpid())}), flush=True)
             next_t += 1.0
-            col.add_tick(src.tick())
+            obs.sample()
 
 
 # ------------------------------------------------------------------ measuring

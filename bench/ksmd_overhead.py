@@ -88,7 +88,7 @@ TICK_S = 0.5
 def tracer_main(mode: str, facts_path: str) -> int:
     """Child process: run ksmtrace's live source + collector until stdin
     closes; print "ready", then a JSON report at the end."""
-    from ksmtrace.collector import Collector
+    from ksmtrace.collector import observe
     from ksmtrace.kernel import capabilities as caps
     from ksmtrace.sources.counters import SysfsSource
     from ksmtrace.sources.live import LiveSource
@@ -97,9 +97,9 @@ def tracer_main(mode: str, facts_path: str) -> int:
     plan = caps.plan(facts, os.environ.get("KSMTRACE_ATTACH"))
     src = (SysfsSource() if mode == "sysfs" else
            LiveSource(facts, plan, stream=(mode == "stream"), bpf_stats=(mode == "stats")))
-    with src:
-        col = Collector.for_source(src)
-        snap = col.add_tick(src.tick())
+    with observe(src) as obs:
+        col = obs.collector
+        snap = obs.sample()
         wait = getattr(src, "poll", time.sleep)  # the sysfs-only source has no stream
         print("ready", flush=True)
         events = 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ksmtrace.collector import EVENT_TAIL, Collector
+from ksmtrace.collector import EVENT_TAIL, observe
 from ksmtrace.model import EVENT_SIZE, EventTail, ProgramCost, iter_events
 from ksmtrace.sources.replay import ReplaySource
 
@@ -27,7 +27,7 @@ def test_snapshot_events_are_the_ticks_newest_events_decoded_on_demand():
     src, ticks = _ticks()
     blob = b"".join(t.events for t in ticks)  # 2,691 real events
     assert len(blob) // EVENT_SIZE > EVENT_TAIL
-    col = Collector.for_source(src)
+    col = observe(src).collector
     snap = col.add_tick(dataclasses.replace(ticks[0], events=blob))
     assert isinstance(snap.events, EventTail)
     assert snap.events._decoded is None  # nothing decoded until asked
@@ -46,14 +46,14 @@ def test_empty_and_partial_tails():
     with pytest.raises(ValueError):
         EventTail(b"x" * (EVENT_SIZE - 1))
     src, ticks = _ticks()
-    col = Collector.for_source(src)
+    col = observe(src).collector
     snap = col.add_tick(dataclasses.replace(ticks[0], events=b""))
     assert snap.events == () and not snap.events
 
 
 def test_program_costs_ride_the_tick_into_the_snapshot():
     src, ticks = _ticks()
-    col = Collector.for_source(src)
+    col = observe(src).collector
     cost = (ProgramCost("merge", 1234, 5),)
     t = ticks[1]
     snap = col.add_tick(dataclasses.replace(t, bpf=dataclasses.replace(t.bpf, programs=cost)))

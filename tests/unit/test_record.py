@@ -132,7 +132,7 @@ def test_replay_gives_the_snapshots_the_ticks_give(fixture_ticks):
     """Replay feeds the collector exactly the recorded ticks: same snapshots
     as a collector fed those ticks directly (as live did), and every time."""
     def snaps(ticks):
-        col = Collector.for_source(src)
+        col = observe(src).collector
         return [dataclasses.replace(col.add_tick(t), source="live") for t in ticks]
 
     with ReplaySource(FIX) as src:

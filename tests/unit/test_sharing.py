@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ksmtrace.collector import Collector
+from ksmtrace.collector import observe
 from ksmtrace.export.collector import make_registry, scrape
 from ksmtrace.export.metrics import sharing_families
 from ksmtrace.kernel.pagemap import PAGE_SIZE, read_page_map
@@ -93,9 +93,8 @@ def test_sharing_families_of_the_recorded_host():
     reg, col = make_registry()
     col.set_sharing(fams)
     rec = HOST.parent / "recordings" / "host-6.18-workload.ksmrec"
-    with ReplaySource(rec, warn=None) as src:
-        c = Collector.for_source(src)
-        col.publish(c.add_tick(next(iter(src.ticks()))))
+    with observe(ReplaySource(rec, warn=None)) as obs:
+        col.publish(next(obs.snapshots()))
     # the top 2 of the 3 pairs, each 4 frames in common
     assert [(p["a"], p["b"]) for p in r["pairs"]][:2] == \
         [(s.labels["a"], s.labels["b"]) for s in fams[0].samples]
