@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import TYPE_CHECKING
 
 from ksmtrace.figures import FIGURES, cow_kind, errno_name, merge_kind_text
@@ -24,6 +24,16 @@ from ksmtrace.kernel.sysfs import KsmSysfs
 
 if TYPE_CHECKING:  # numpy, only where page maps are read
     from ksmtrace.kernel.pagemap import PageMap
+
+
+class PageState(Enum):
+    """What a page of a process's page map is (kernel/pagemap.py reads them;
+    here so that views name the states without importing the reader)."""
+
+    KSM = "ksm"  # mapped to a KSM (stable tree) page
+    ZERO = "zero"  # the shared zero page (KSM's use_zero_pages, or never written)
+    PRESENT = "present"  # an ordinary resident page (THP included)
+    ABSENT = "absent"  # not resident: never touched, or swapped out
 
 # --------------------------------------------------------------------------
 # Events: mirrors of bpf/ksmtrace.h

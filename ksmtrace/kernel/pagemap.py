@@ -41,7 +41,6 @@ kpageflags and kpagecount around a page set's pfns by kernel/pfnreads.py.
 from __future__ import annotations
 
 import ctypes
-import enum
 import errno
 import mmap
 import os
@@ -62,6 +61,7 @@ from ksmtrace.kernel.pfnreads import (
 )
 from ksmtrace.kernel.procfs import PAGE_SIZE
 from ksmtrace.kernel.rootfiles import RootFiles
+from ksmtrace.model import PageState
 
 PM_PRESENT = 1 << 63
 PM_SWAPPED = 1 << 62
@@ -80,13 +80,6 @@ _FIRST_BATCH = 1 << 12
 # pages from which a private writable area in maps is read from pagemap
 # while smaps is read (it may turn out not mergeable: read for nothing)
 _AHEAD = 1 << 14
-
-
-class PageState(enum.Enum):
-    KSM = "ksm"  # mapped to a KSM (stable tree) page
-    ZERO = "zero"  # the shared zero page (KSM's use_zero_pages, or never written)
-    PRESENT = "present"  # an ordinary resident page (THP included)
-    ABSENT = "absent"  # not resident: never touched, or swapped out
 
 
 _STATES = tuple(PageState)

@@ -33,7 +33,6 @@ from ksmtrace.tui.screens import (
     SnapshotScreen,
     WhyScreen,
 )
-from ksmtrace.tui.sharing import SharingScreen
 from ksmtrace.tui.widgets import ProcessTable, StagePanel, StatusLine, TitleHeader, WhyLine
 
 REFRESH = 0.25  # seconds between checks for a new snapshot
@@ -214,6 +213,8 @@ class MainScreen(Screen):
 
     def action_sharing(self) -> None:
         """Who shares KSM pages with whom (reads every KSM process's page map)."""
+        from ksmtrace.tui.sharing import SharingScreen  # numpy: imported when first asked
+
         self.app.push_screen(SharingScreen())
 
     def action_details(self) -> None:

@@ -4,6 +4,7 @@ help. Each redraws from the newest snapshot the app hands it (`show`)."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -13,11 +14,13 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Input, Label, RichLog, Static
 
 from ksmtrace.diagnose import diagnose
-from ksmtrace.kernel.pagemap import PageMap, PageState
 from ksmtrace.kernel.sysfs import KNOB_DEFAULTS
-from ksmtrace.model import Snapshot
+from ksmtrace.model import PageState, Snapshot
 from ksmtrace.tui import format as fmt
 from ksmtrace.tui.widgets import CELL, PageGrid, StatusLine, finding_text
+
+if TYPE_CHECKING:  # the reader (numpy) loads when a page map is first read
+    from ksmtrace.kernel.pagemap import PageMap
 
 
 class SnapshotScreen(Screen):

@@ -3,6 +3,8 @@ the page grid. They draw snapshots; they never read the kernel."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
@@ -18,9 +20,12 @@ from textual.widgets import Header, Sparkline, Static
 from textual.widgets._header import HeaderTitle  # what Header composes; not exported
 
 from ksmtrace.diagnose import Finding
-from ksmtrace.kernel.pagemap import PAGE_SIZE, PageMap, PageState
-from ksmtrace.model import ProcessRow, Snapshot
+from ksmtrace.kernel.procfs import PAGE_SIZE
+from ksmtrace.model import PageState, ProcessRow, Snapshot
 from ksmtrace.tui import format as fmt
+
+if TYPE_CHECKING:  # the reader (numpy) loads when a page map is first read
+    from ksmtrace.kernel.pagemap import PageMap
 
 STAGE_TITLES = {
     "searching": "Searching",

@@ -20,14 +20,28 @@ def modules() -> dict[str, ast.Module]:
     return out
 
 
+def runtime_nodes(tree: ast.AST):
+    """Every node, except those of `if TYPE_CHECKING:` blocks (annotations
+    only: never imported when the code runs)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) \
+                and node.test.id == "TYPE_CHECKING":
+            for other in node.orelse:
+                yield other
+                yield from runtime_nodes(other)
+            continue
+        yield node
+        yield from runtime_nodes(node)
+
+
 def imports(name: str, tree: ast.Module, known: set[str]) -> set[str]:
-    """The ksmtrace modules `name` imports, at any depth of its code (a
-    function-level import is a dependency too). `from pkg import mod` counts
-    as an import of pkg.mod where that is a module."""
+    """The ksmtrace modules `name` imports when it runs, at any depth of its
+    code (a function-level import is a dependency too). `from pkg import mod`
+    counts as an import of pkg.mod where that is a module."""
     package = name if name in known and any(k.startswith(name + ".") for k in known) \
         else name.rpartition(".")[0]
     out = set()
-    for node in ast.walk(tree):
+    for node in runtime_nodes(tree):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
