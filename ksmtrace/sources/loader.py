@@ -21,6 +21,7 @@ import re
 import select
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,21 +118,30 @@ class Loaded:
     legacy: list[str] = field(default_factory=list)  # our kprobe_events entries
 
     def close(self) -> None:
-        for fd in [*self.links.values(), *self.programs.values()]:
+        # Each link's close can wait in the kernel for an RCU Tasks grace
+        # period (an fentry trampoline's update; a tracepoint's perf event
+        # on 6.18): closed on threads of their own, the waits overlap and
+        # one grace period serves them all, instead of one after another.
+        links = list(self.links.values())
+        parallel = len(links) > 1
+        if parallel:
             try:
-                os.close(fd)
-            except OSError:
-                pass
+                with ThreadPoolExecutor(len(links), "ksmtrace-detach") as pool:
+                    list(pool.map(_close_quietly, links))
+            except RuntimeError:  # refused before any ran: the interpreter is exiting
+                parallel = False
+        if not parallel:  # never twice: a closed fd's number may be another's by now
+            for fd in links:
+                _close_quietly(fd)
+        for fd in self.programs.values():
+            _close_quietly(fd)
         self.links.clear()
         self.programs.clear()
         for event in self.legacy:  # after their perf events are closed
             bpfsys.remove_legacy(self.tracefs, event)
         self.legacy.clear()
         for m in self.maps.values():
-            try:
-                os.close(m.fd)
-            except OSError:
-                pass
+            _close_quietly(m.fd)
         self.maps.clear()
 
     # ------------------------------------------------------------ attaching
@@ -170,6 +180,13 @@ class Loaded:
         event, tid = bpfsys.legacy_kretprobe(self.tracefs, function, KRETPROBE_MAXACTIVE)
         self.legacy.append(event)
         self.links[key] = bpfsys.attach_legacy(fd, tid, f"kretprobe on {function}")
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _kind(name: str) -> tuple[str, str]:
@@ -322,19 +339,19 @@ class RingBuffer:
         count = (prod - cons) // (stride * 8)
         if not count:
             return 0, cons
-        region = self._data[at : at + count * stride * 8]
         header = struct.pack("<Q", self._record)[:4]  # length; busy and discard bits clear
-        for b in range(4):  # each byte of every header's length word, compared at C speed
-            if region[b :: stride * 8].tobytes() != header[b : b + 1] * count:
-                return 0, cons
-        src = region.cast("Q")
-        old = len(out)
-        out.extend(bytes(count * self._record))
-        with memoryview(out) as whole, whole[old:].cast("Q") as dst:
-            for k in range(words):
-                dst[k::words] = src[k + 1 :: stride]
-        src.release()
-        region.release()
+        # every view is released on every path (an interrupt included): an
+        # unreleased one would keep the mmap from closing, or `out` from growing
+        with self._data[at : at + count * stride * 8] as region:
+            for b in range(4):  # each byte of every header's length word, compared at C speed
+                if region[b :: stride * 8].tobytes() != header[b : b + 1] * count:
+                    return 0, cons
+            old = len(out)
+            out.extend(bytes(count * self._record))
+            with region.cast("Q") as src, memoryview(out) as whole, whole[old:] as tail, \
+                    tail.cast("Q") as dst:
+                for k in range(words):
+                    dst[k::words] = src[k + 1 :: stride]
         return count, cons + count * stride * 8
 
     def _one_by_one(self, cons: int, prod: int, out: bytearray) -> tuple[int, int]:
