@@ -13,15 +13,17 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ksmtrace import argtypes
 from ksmtrace.errors import KsmtraceError, not_root
 from ksmtrace.grouping import workload_of
 from ksmtrace.kernel.identity import Workload
-from ksmtrace.kernel.pagemap import PAGE_SIZE
-from ksmtrace.sharing import SharingMap, build
+from ksmtrace.kernel.procfs import PAGE_SIZE
 from ksmtrace.sources.counters import SharingSample, sample_sharing
+
+if TYPE_CHECKING:  # numpy: imported when a map is built, not by every command's parser
+    from ksmtrace.sharing import SharingMap
 
 EPILOG = """\
 examples:
@@ -81,6 +83,8 @@ def _group(s: SharingSample, by: str) -> tuple[list[str], list[Workload], list[t
 
 
 def summarise(s: SharingSample, by: str = "workload", top: int = 10) -> dict[str, Any]:
+    from ksmtrace.sharing import build
+
     labels, workloads, parts, members = _group(s, by)
     m = build(labels, parts, top)
     mapped = int(m.pages.sum())

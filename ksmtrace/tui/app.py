@@ -91,6 +91,8 @@ class MainScreen(Screen):
         self._rows: list[ProcessRow] = []
         self._observed: frozenset[str] = frozenset()
         table.focus()
+        # the newest snapshot (the feed started before the app) in the first frame
+        self.app.refresh_view(force=True)
 
     def on_resize(self, event) -> None:
         # Taller terminals give the stage panels more lines (all their figures).
