@@ -300,9 +300,9 @@ class RingBuffer:
         self.size, self.mask = size, size - 1
         self._cons, self._prod, self._page = cons, prod, mmap.PAGESIZE
         self._data = memoryview(prod)
-        # positions are read and written whole, as native u64s: the kernel
-        # reads consumer_pos with one load, and struct's "<Q" writes it byte
-        # by byte, so it could read a torn value and see the ring full
+        # positions are read and written as native u64s, one load or store
+        # each, as the kernel reads and writes them; written through struct
+        # ("<Q"), the kernel found the ring full with the reader far behind
         self._cpos = memoryview(cons).cast("Q")
         self._ppos = self._data.cast("Q")
         self._len = self._data.cast("I")  # header length words (at 8-byte offsets)
