@@ -11,9 +11,14 @@ the caller computes the result again.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 DEFAULT = "/var/cache/ksmtrace"
 
@@ -99,3 +104,28 @@ def write(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)
+
+
+def per_boot(kind: str, key: Sequence[str], type_: Any, compute: Callable[[], T],
+             limit: int = 1 << 20) -> T:
+    """`compute()`, remembered for this boot of this kernel under
+    <cache>/<kind>, keyed by `key`: for what cannot change while the kernel
+    runs. The entry is JSON validated as `type_` (msgspec) on the way in;
+    anything else reads as absent and is computed again and replaced. An
+    exception from `compute` is the caller's, and nothing is written."""
+    boot = boot_id()
+    if boot is None or os.geteuid() != 0:  # the cache is root's
+        return compute()
+    import msgspec  # here: what runs without the cache does not need it
+
+    digest = hashlib.sha256("\0".join([boot, os.uname().release, *key]).encode()).hexdigest()
+    path = base() / kind / f"{digest}.json"
+    data = read(path, limit)
+    if data is not None:
+        try:
+            return msgspec.json.decode(data, type=type_)
+        except msgspec.DecodeError:  # malformed or mistyped
+            pass
+    value = compute()
+    write(path, msgspec.json.encode(value))
+    return value

@@ -414,29 +414,10 @@ def _cached_trials(specs: list[str], env: dict[str, str]) -> dict[str, Trial]:
     """_run_trials, remembered for this boot of this kernel (what a mechanism
     can do does not change while the kernel runs): the bcc child that proves
     them costs ~1 s, most of a warm start. `doctor` always tries again."""
-    import hashlib
-
     from ksmtrace import cache
 
-    boot = cache.boot_id()
-    if boot is None:
-        return _run_trials(specs, env)
-    key = hashlib.sha256("\0".join([boot, platform.release(), str(bcc_version()),
-                                      env.get("BCC_KERNEL_SOURCE", ""), *specs]).encode())
-    path = cache.base() / "trials" / f"{key.hexdigest()}.json"
-    data = cache.read(path, 1 << 20)
-    if data is not None:
-        try:
-            raw = json.loads(data)
-            return {s: Trial(d["ok"], str(d["detail"]), tuple(map(str, d["kernel_said"])))
-                    for s, d in raw.items() if s in specs and d["ok"] in (True, False, None)}
-        except (ValueError, KeyError, TypeError):
-            pass  # tried again, and replaced
-    res = _run_trials(specs, env)
-    cache.write(path, json.dumps({s: {"ok": t.ok, "detail": t.detail,
-                                      "kernel_said": list(t.kernel_said)}
-                                  for s, t in res.items()}).encode())
-    return res
+    key = [str(bcc_version()), env.get("BCC_KERNEL_SOURCE", ""), *specs]
+    return cache.per_boot("trials", key, dict[str, Trial], lambda: _run_trials(specs, env))
 
 
 def _run_trials(specs: list[str], env: dict[str, str]) -> dict[str, Trial]:
@@ -483,7 +464,7 @@ def explain_failure(trial: str, error: str | None, said: tuple[str, ...]) -> str
     if (
         kind == "kprobe"
         and "kprobe_events" in text
-        and not Path("/sys/bus/event_source/devices/kprobe").exists()
+        and not kprobes_possible("/", None)
     ):
         return NO_KPROBES
     if "Operation not permitted" in text:

@@ -10,7 +10,6 @@ type section just far enough to collect FUNC names; it needs no libbpf.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from dataclasses import dataclass
@@ -74,50 +73,19 @@ def read_btf(root: str | os.PathLike = "/", funcs: set[str] | None = None,
     parse: funcs None, no layout. `cached`: the answer is remembered for this
     boot (the walk costs ~0.1-0.3 s of a warm start; vmlinux BTF cannot
     change while the kernel runs)."""
-    path = _cache_path(root, funcs, fields, enums) if cached else None
-    if path is not None and (hit := _cache_read(path)) is not None:
-        return hit
-    try:
-        data = btf_path(root).read_bytes()
-        got = Btf(*parse_btf(data, funcs, fields, enums))
-    except (OSError, ValueError, struct.error):
-        return Btf(None, {})
-    if path is not None:
-        import msgspec
+    def walk() -> Btf:
+        return Btf(*parse_btf(btf_path(root).read_bytes(), funcs, fields, enums))
 
+    try:
+        if not cached or funcs is None or os.path.abspath(root) != "/":
+            return walk()
         from ksmtrace import cache
 
-        cache.write(path, msgspec.json.encode(got))
-    return got
-
-
-def _cache_path(root: str | os.PathLike, funcs: set[str] | None, fields, enums) -> Path | None:
-    from ksmtrace import cache
-
-    boot = cache.boot_id()
-    if os.path.abspath(root) != "/" or funcs is None or boot is None:
-        return None
-    try:
-        size = btf_path(root).stat().st_size
-    except OSError:
-        return None
-    key = "\0".join([boot, os.uname().release, str(size), *sorted(funcs), "",
-                     *sorted(fields), "", *sorted(enums)])
-    return cache.base() / "btf" / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
-
-
-def _cache_read(path: Path) -> Btf | None:
-    import msgspec  # typed validation (a dataclass); not needed without a cache
-
-    from ksmtrace import cache
-
-    data = cache.read(path, 1 << 20)
-    if data is None:
-        return None
-    try:
-        return msgspec.json.decode(data, type=Btf)
-    except msgspec.DecodeError:  # malformed or mistyped: parsed again, and replaced
-        return None
+        key = [str(btf_path(root).stat().st_size), *sorted(funcs), "", *sorted(fields), "",
+               *sorted(enums)]
+        return cache.per_boot("btf", key, Btf, walk)
+    except (OSError, ValueError, struct.error):  # no BTF, or BTF that does not parse
+        return Btf(None, {})
 
 
 BTF_KIND_STRUCT = 4

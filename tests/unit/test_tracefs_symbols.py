@@ -79,3 +79,25 @@ def test_btf_facts_are_remembered_for_the_boot_and_tampering_reads_as_absent(btf
     # another set of functions is another entry
     symbols.read_btf("/", {"do_wp_page"}, cached=True)
     assert len(list(btf_cache.iterdir())) == 2
+
+
+def test_the_trials_round_trip_through_the_per_boot_cache(btf_cache):
+    from ksmtrace import cache
+    from ksmtrace.kernel.capabilities import Trial
+
+    trials = {"ringbuf": Trial(True, "attached"),
+              "kprobe:do_wp_page": Trial(False, "EPERM", ("said", "this"))}
+    runs = []
+
+    def run() -> dict[str, Trial]:
+        runs.append(1)
+        return trials
+
+    key = ["0.26.0", "", *trials]
+    assert cache.per_boot("trials", key, dict[str, Trial], run) == trials
+    assert cache.per_boot("trials", key, dict[str, Trial], run) == trials  # read back, typed
+    assert len(runs) == 1
+    (entry,) = (btf_cache.parent / "trials").iterdir()
+    entry.write_bytes(b'{"ringbuf": {"ok": "yes", "detail": "x", "kernel_said": []}}')
+    assert cache.per_boot("trials", key, dict[str, Trial], run) == trials  # mistyped: run again
+    assert len(runs) == 2
