@@ -51,18 +51,17 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 try:
     from bench import ksmd_overhead
     from bench.common import ROOT, row
-    from bench.footprint import _port, _status
+    from bench.footprint import _port, _scrape, _status
 except ImportError:  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from bench import ksmd_overhead
     from bench.common import ROOT, row
-    from bench.footprint import _port, _status
+    from bench.footprint import _port, _scrape, _status
 
 from ksmtrace.spawn import python_argv
 
@@ -227,11 +226,6 @@ class _Child:
         self.proc.wait()
 
 
-def _scrape(port: int) -> bytes:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        return r.read()
-
-
 def _metric(text: str, name: str, having: str = "") -> float | None:
     """The sum of a metric's series (those whose labels hold `having`) in a
     text exposition; None if it has none."""
@@ -243,21 +237,22 @@ def _metric(text: str, name: str, having: str = "") -> float | None:
 
 def _maps_of(pid: int) -> dict[str, dict]:
     """The per-mm maps a process holds: name -> {id, memlock, max_entries}."""
+    from ksmtrace.sources.bpfstats import read_fdinfo
+
     out: dict[str, dict] = {}
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
             if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:bpf-map":
                 continue
-            info = dict(line.split(":\t", 1) for line in
-                        Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines() if ":\t" in line)
+            info = read_fdinfo(int(fd), str(pid))
         except OSError:
             continue
-        mid = int(info["map_id"])
+        mid = info["map_id"]
         show = json.loads(subprocess.run(["bpftool", "-j", "map", "show", "id", str(mid)],
                                          capture_output=True, text=True, check=True).stdout)
         if show.get("name") in MAP_NAMES:
-            out[show["name"]] = {"id": mid, "memlock": int(info["memlock"]),
-                                 "max_entries": int(info["max_entries"]),
+            out[show["name"]] = {"id": mid, "memlock": info["memlock"],
+                                 "max_entries": info["max_entries"],
                                  "type": show.get("type")}
     return out
 
@@ -270,7 +265,7 @@ def _entries(map_id: int) -> int:
 
 def _sample(started: int, t: float, export: _Child, port: int, maps: dict[str, dict],
             twin: _Child) -> dict:
-    body = _scrape(port)
+    body = _scrape(port, 5.0)
     text = body.decode()
     twin.say("sizes")
     tw = json.loads(twin.line(30))
@@ -332,7 +327,7 @@ def _measure(knobs, children: list[_Child], total: int, alive: int, step: int) -
     deadline = time.monotonic() + 180
     while True:
         try:
-            if b"ksmtrace_scan_rounds_total" in _scrape(port):
+            if b"ksmtrace_scan_rounds_total" in _scrape(port, 5.0):
                 break
         except OSError:
             pass
@@ -345,7 +340,7 @@ def _measure(knobs, children: list[_Child], total: int, alive: int, step: int) -
     if set(maps) != set(MAP_NAMES):
         raise RuntimeError(f"the exporter holds no maps named {MAP_NAMES}: {maps}")
     cow0 = procfs.read_ksm_vmstat().cow_ksm
-    text0 = _scrape(port).decode()
+    text0 = _scrape(port, 5.0).decode()
     merges0 = _metric(text0, "ksmtrace_merges_total", 'result="ok"') or 0
     samples = [_sample(0, 0.0, export, port, maps, twin)]
     _log(samples[0])
@@ -363,7 +358,7 @@ def _measure(knobs, children: list[_Child], total: int, alive: int, step: int) -
     while result is None:
         now = time.monotonic()
         if now >= next_scrape:  # a scrape a second, as Prometheus would
-            _scrape(port)
+            _scrape(port, 5.0)
             next_scrape += 1.0
         if export.proc.poll() is not None:
             raise RuntimeError(f"ksmtrace export exited (status {export.proc.returncode})")
@@ -381,7 +376,7 @@ def _measure(knobs, children: list[_Child], total: int, alive: int, step: int) -
     time.sleep(3.0)  # the last exits reach a tick, the exited mms are drained
     end = _sample(total, time.monotonic() - t0, export, port, maps, twin)
     _log(end)
-    text1 = _scrape(port).decode()
+    text1 = _scrape(port, 5.0).decode()
     return {"total": total, "alive": alive, "seconds": seconds, "samples": samples, "end": end,
             "statuses": result["statuses"], "maps": maps,
             "cow_ksm": procfs.read_ksm_vmstat().cow_ksm - cow0,

@@ -79,7 +79,6 @@ SETTLE_S = 1.0  # after a tracer is ready, before the burst: start-up transients
 TARGET_RATIO = 1.02  # issue #15
 BPFTRACE_PROG = 'BEGIN { printf("ready\\n"); } tracepoint:ksm:* { @[probe] = count(); }'
 KSM = Path("/sys/kernel/mm/ksm")
-PROG_TRACEPOINT = 5  # enum bpf_prog_type
 MERGE_TPS = ("ksm_merge_with_ksm_page", "ksm_merge_one_page")
 TICK_S = 0.5
 
@@ -167,6 +166,7 @@ class Tracer:
         program is a uprobe): prog id -> (run_time_ns, run_cnt) from
         /proc/<bpftrace>/fdinfo, the figures `bpftool prog show` prints."""
         from ksmtrace.sources.bpfstats import read_fdinfo
+        from ksmtrace.sources.bpfsys import PROG_TRACEPOINT
 
         assert self.proc is not None
         pid = str(self.proc.pid)
