@@ -264,11 +264,14 @@ def burst(knobs, ksmd: int, mode: str, facts_path: str, pages: int) -> dict:
         hz = os.sysconf("SC_CLK_TCK")
         c0, n0, tc0 = procfs.read_cpu_ticks(ksmd), _run_ns(ksmd), tracer.cpu_ticks()
         t0 = time.monotonic()
-        knobs.set(run=1)
+        knobs.set(sleep_millisecs=0, run=1)
         _wait(lambda: _merged() >= pages, 120, f"{pages} merged pages")
         t1 = time.monotonic()
         c1, n1, tc1 = procfs.read_cpu_ticks(ksmd), _run_ns(ksmd), tracer.cpu_ticks()
-        knobs.set(run=0)
+        # tracers detach between bursts, and on 6.18 a detach waits for an
+        # RCU Tasks grace period that a ksmd at sleep_millisecs=0 was seen to
+        # hold off: between bursts ksmd is at 1 ms
+        knobs.set(run=0, sleep_millisecs=1)
         extra = {}
         if mode == "bpftrace-stats":
             p1 = tracer.programs()
@@ -320,9 +323,10 @@ def measure(quick: bool, reps: int | None = None, modes: tuple[str, ...] = MODES
             ff.flush()
             results: list[dict] = []
             with sysfs.KsmKnobs() as knobs:
-                # save run's value (0) now: the workload sets it to 1 before
-                # our first burst, and restore must put 0 back, not that
-                knobs.set(run=0)
+                # save run's and sleep_millisecs's values now: the workload
+                # changes both before our first burst, and restore must put
+                # back what was there before, not that
+                knobs.set(run=0, sleep_millisecs=sysfs.read_knob("sleep_millisecs"))
                 try:
                     with Workload(spec, drive_ksmd=True, pages_to_scan=100000) as w:
                         try:
