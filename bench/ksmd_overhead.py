@@ -197,10 +197,11 @@ class Tracer:
     def stop(self) -> dict:
         if self.proc is None:
             return {}
-        p, self.proc = self.proc, None
+        p = self.proc  # kept until it has ended: on a timeout, kill() still ends it
         if self.mode in ("bpftrace", "bpftrace-stats"):
             p.send_signal(signal.SIGINT)
             out, _ = p.communicate(timeout=60)
+            self.proc = None
             counts = {}
             for line in out.splitlines():
                 if line.startswith("@[") and "]:" in line:
@@ -210,7 +211,9 @@ class Tracer:
         assert p.stdin is not None and p.stdout is not None
         p.stdin.close()
         out = p.stdout.read()
-        if p.wait(timeout=60) != 0:
+        status = p.wait(timeout=60)
+        self.proc = None
+        if status != 0:
             raise RuntimeError(f"{self.mode} tracer failed (status {p.returncode})")
         return json.loads(out.strip().splitlines()[-1])
 
