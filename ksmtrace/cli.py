@@ -32,8 +32,26 @@ examples:
 Run `ksmtrace COMMAND --help` for each command's options and examples."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ksmtrace import doctor, export, report, share, stat, top, trace, workload
+# name -> (module, its function adding the command's parser), in --help's order;
+# report's adds record, report and timeline
+COMMANDS = {
+    "doctor": ("ksmtrace.doctor", "add_parser"),
+    "top": ("ksmtrace.top", "add_parser"),
+    "stat": ("ksmtrace.stat", "add_parser"),
+    "trace": ("ksmtrace.trace", "add_parser"),
+    "record": ("ksmtrace.report", "add_parser"),
+    "report": ("ksmtrace.report", "add_parser"),
+    "timeline": ("ksmtrace.report", "add_parser"),
+    "share": ("ksmtrace.share", "add_parser"),
+    "export": ("ksmtrace.export", "add_parser"),
+    "workload": ("ksmtrace.workload", "add_cli"),
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv`: when it names a command first, with only that
+    command's module imported (a start-up cost of every run); else all."""
+    import importlib
 
     p = argtypes.Parser(
         prog="ksmtrace",
@@ -43,19 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"ksmtrace {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    doctor.add_parser(sub)
-    top.add_parser(sub)
-    stat.add_parser(sub)
-    trace.add_parser(sub)
-    report.add_parser(sub)
-    share.add_parser(sub)
-    export.add_parser(sub)
-    workload.add_cli(sub)
+    adders = [COMMANDS[argv[0]]] if argv and argv[0] in COMMANDS else COMMANDS.values()
+    for module, add in dict.fromkeys(adders):
+        getattr(importlib.import_module(module), add)(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

@@ -8,6 +8,8 @@ covered by the matrix the day it is added.
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import pytest
 
@@ -104,3 +106,22 @@ def test_non_finite_numbers_are_refused(typ):
     for v in ("nan", "NaN", "inf", "-inf", "1e400"):
         with pytest.raises(argparse.ArgumentTypeError):
             typ(v)
+
+
+def test_every_command_is_in_the_lazy_table():
+    """A command missing from cli.COMMANDS would still parse, through the
+    full parser, but pay for importing every command's module."""
+    assert set(cli.COMMANDS) == set(_subparsers())
+    for name in cli.COMMANDS:
+        sub = next(a for a in cli.build_parser([name])._actions
+                   if isinstance(a, argparse._SubParsersAction))
+        assert name in sub.choices
+
+
+def test_a_command_imports_only_its_own_module():
+    code = ("import sys; from ksmtrace import cli; cli.build_parser(['top']); "
+            "print(sorted(m for m in ('ksmtrace.workload', 'ksmtrace.report', "
+            "'ksmtrace.export', 'ksmtrace.doctor', 'ksmtrace.top') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "['ksmtrace.top']"
