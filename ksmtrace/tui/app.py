@@ -24,21 +24,27 @@ from ksmtrace.errors import KsmtraceError
 from ksmtrace.grouping import GROUPS
 from ksmtrace.model import ProcessRow, Snapshot
 from ksmtrace.tui import format as fmt
-from ksmtrace.tui.screens import (
-    DetailsScreen,
-    EventLogScreen,
-    HelpScreen,
-    KnobsScreen,
-    PageMapScreen,
+from ksmtrace.tui.widgets import (
+    ProcessTable,
     SnapshotScreen,
-    WhyScreen,
+    StagePanel,
+    StatusLine,
+    TitleHeader,
+    WhyLine,
 )
-from ksmtrace.tui.widgets import ProcessTable, StagePanel, StatusLine, TitleHeader, WhyLine
 
 REFRESH = 0.25  # seconds between checks for a new snapshot
 
 
-class MainScreen(Screen):
+def screens():
+    """The other screens' module, imported when one is first opened: not
+    in the first frame's start-up time."""
+    from ksmtrace.tui import screens
+
+    return screens
+
+
+class MainScreen(SnapshotScreen):
     BINDINGS = [
         Binding("m", "page_map", "page map"),
         Binding("s", "sort", "sort"),
@@ -208,10 +214,10 @@ class MainScreen(Screen):
         self.app.open_page_map(pid, comm)
 
     def action_why(self) -> None:
-        self.app.push_screen(WhyScreen())
+        self.app.push_screen(screens().WhyScreen())
 
     def action_events(self) -> None:
-        self.app.push_screen(EventLogScreen())
+        self.app.push_screen(screens().EventLogScreen())
 
     def action_sharing(self) -> None:
         """Who shares KSM pages with whom (reads every KSM process's page map)."""
@@ -220,13 +226,13 @@ class MainScreen(Screen):
         self.app.push_screen(SharingScreen())
 
     def action_details(self) -> None:
-        self.app.push_screen(DetailsScreen())
+        self.app.push_screen(screens().DetailsScreen())
 
     def action_knobs(self) -> None:
-        self.app.push_screen(KnobsScreen())
+        self.app.push_screen(screens().KnobsScreen())
 
     def action_help(self) -> None:
-        self.app.push_screen(HelpScreen())
+        self.app.push_screen(screens().HelpScreen())
 
     # -------------------------------------------------------------- replay
     def _replay(self):
@@ -317,7 +323,7 @@ class KsmtraceApp(App):
         if key == self._shown and not force:
             return
         self._shown = key
-        if isinstance(screen, MainScreen | SnapshotScreen):
+        if isinstance(screen, SnapshotScreen):
             try:
                 screen.show(snap, feed.recent())
             except NoMatches:  # the screen is still being composed
@@ -333,14 +339,14 @@ class KsmtraceApp(App):
 
     def pop_screen(self):
         result = super().pop_screen()
-        if not isinstance(self.screen, PageMapScreen):
+        if not isinstance(self.screen, screens().PageMapScreen):
             self.feed.watch(None)
         self.call_after_refresh(self.refresh_view, True)
         return result
 
     def open_page_map(self, pid: int, comm: str) -> None:
         self.feed.watch(pid)
-        self.push_screen(PageMapScreen(pid, comm))
+        self.push_screen(screens().PageMapScreen(pid, comm))
 
     # ---------------------------------------------------------------- knobs
     def knobs_unavailable(self) -> str | None:

@@ -10,24 +10,17 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
-from textual.screen import ModalScreen, Screen
+from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Input, Label, RichLog, Static
 
 from ksmtrace.diagnose import diagnose
 from ksmtrace.kernel.sysfs import KNOB_DEFAULTS
 from ksmtrace.model import PageState, Snapshot
 from ksmtrace.tui import format as fmt
-from ksmtrace.tui.widgets import CELL, PageGrid, StatusLine, finding_text
+from ksmtrace.tui.widgets import CELL, PageGrid, SnapshotScreen, StatusLine, finding_text
 
 if TYPE_CHECKING:  # the reader (numpy) loads when a page map is first read
     from ksmtrace.kernel.pagemap import PageMap
-
-
-class SnapshotScreen(Screen):
-    """A screen the app redraws on every new snapshot."""
-
-    def show(self, snap: Snapshot, history: list[Snapshot]) -> None:  # pragma: no cover
-        pass
 
 
 # ------------------------------------------------------------------ page map

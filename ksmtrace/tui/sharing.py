@@ -25,7 +25,7 @@ from textual.widgets import Footer, Static
 from ksmtrace.errors import KsmtraceError
 from ksmtrace.share import summarise
 from ksmtrace.sources.counters import SharingCancelled
-from ksmtrace.tui.screens import SnapshotScreen
+from ksmtrace.tui.widgets import SnapshotScreen
 
 GLYPHS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 COLOURS = ("red", "green", "yellow", "blue", "magenta", "cyan", "bright_red", "bright_green",

@@ -14,6 +14,7 @@ from textual.containers import Vertical
 from textual.geometry import Region, Size
 from textual.message import Message
 from textual.reactive import reactive
+from textual.screen import Screen
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 from textual.widgets import Header, Sparkline, Static
@@ -33,6 +34,13 @@ STAGE_TITLES = {
     "counting": "Counting",
     "updating": "Updating",
 }
+
+
+class SnapshotScreen(Screen):
+    """A screen the app redraws on every new snapshot."""
+
+    def show(self, snap: Snapshot, history: list[Snapshot]) -> None:  # pragma: no cover
+        pass
 
 
 class StagePanel(Vertical):
