@@ -488,8 +488,36 @@ def run(quick: bool) -> list[dict]:
     return rows_from(measure(quick), pages)
 
 
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        description="What tracing costs ksmd: interleaved merge bursts, untraced and traced.",
+        epilog="examples:\n"
+               "  python bench/ksmd_overhead.py                  every mode, 9 repetitions\n"
+               "  python bench/ksmd_overhead.py --reps 21 --modes untraced,default,bpftrace,sysfs\n"
+               "                                                 the #15 target, more pairs",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="10,000 pages, 2 repetitions")
+    p.add_argument("--reps", type=int, help="repetitions (default 9; quick 2)")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma-separated, from {', '.join(MODES)} (untraced is always run)")
+    p.add_argument("--json", metavar="FILE", help="also write each burst's figures here")
+    a = p.parse_args(argv)
+    modes = tuple(dict.fromkeys(["untraced", *a.modes.split(",")]))
+    if bad := [m for m in modes if m not in MODES]:
+        p.error(f"unknown mode(s): {', '.join(bad)}")
+    if a.reps is not None and not 1 <= a.reps <= 200:
+        p.error("--reps: 1 to 200")
+    results = measure(a.quick, a.reps, modes)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    for x in rows_from(results, 10000 if a.quick else 200000):
+        print(x)
+    return 0
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--tracer":
         sys.exit(tracer_main(sys.argv[2], sys.argv[3]))
-    for x in run(quick="--quick" in sys.argv):
-        print(x)
+    sys.exit(main())
