@@ -36,6 +36,18 @@ def spread(xs: list[float], fmt: str = "{:.3g}") -> str:
     return f"n={len(xs)}, min {fmt.format(min(xs))}, max {fmt.format(max(xs))}"
 
 
+def median_interval(xs: list[float], level: float = 0.9, draws: int = 5000) -> tuple[float, float]:
+    """A bootstrap interval of the median of `xs` (resampled with a fixed
+    seed, so a report is reproducible): how far the median itself can be
+    trusted, which min and max do not say."""
+    import random
+
+    rng = random.Random(15)
+    ms = sorted(median(rng.choices(xs, k=len(xs))) for _ in range(draws))
+    cut = int(draws * (1 - level) / 2)
+    return ms[cut], ms[draws - 1 - cut]
+
+
 def row(name: str, value: float, unit: str, target: str | None = None,
         met: bool | None = None, note: str = "") -> dict:
     return {"name": name, "value": float(value), "unit": unit, "target": target,

@@ -67,10 +67,10 @@ import time
 from pathlib import Path
 
 try:
-    from bench.common import ROOT, median, row, spread
+    from bench.common import ROOT, median, median_interval, row, spread
 except ImportError:  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from bench.common import ROOT, median, row, spread
+    from bench.common import ROOT, median, median_interval, row, spread
 
 LOCK_PATH = "/run/lock/ksmtrace-kernel-tests.lock"
 LOCK_HELD = False  # True when the caller holds the lock already (the pytest kernel tier)
@@ -385,8 +385,10 @@ def rows_from(results: list[dict], pages: int) -> list[dict]:
         rs = ratios(m, "seconds")
         v = median(rs)
         target, met = None, None
+        lo, hi = median_interval(rs)
         note = (f"median of {len(rs)} interleaved pairs (each burst / the untraced burst of "
-                f"the same repetition), {spread(rs, '{:.3f}')}")
+                f"the same repetition), {spread(rs, '{:.3f}')}, 90 % bootstrap interval of "
+                f"the median {lo:.3f}..{hi:.3f}; ratio of the medians {t[m] / t['untraced']:.3f}")
         if m == "default":
             target = f"<= {TARGET_RATIO:g}x and < bpftrace"
             met = v <= TARGET_RATIO and (bt is None or v < bt)
