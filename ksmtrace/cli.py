@@ -48,9 +48,9 @@ COMMANDS = {
 }
 
 
-def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The parser for `argv`: when it names a command first, with only that
-    command's module imported (a start-up cost of every run); else all."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; when `command` names one, with only that command's
+    module imported (a start-up cost of every run), else with all."""
     import importlib
 
     p = argtypes.Parser(
@@ -61,7 +61,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"ksmtrace {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    adders = [COMMANDS[argv[0]]] if argv and argv[0] in COMMANDS else COMMANDS.values()
+    adders = [COMMANDS[command]] if command in COMMANDS else COMMANDS.values()
     for module, add in dict.fromkeys(adders):
         getattr(importlib.import_module(module), add)(sub)
     return p
@@ -70,7 +70,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    parser = build_parser(argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
