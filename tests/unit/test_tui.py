@@ -463,3 +463,17 @@ def test_glyphs_put_frames_shared_by_more_workloads_first():
 
 def test_snapshot_sharing(snap_compare):
     assert snap_compare(sharing_app(), terminal_size=(120, 40), run_before=open_sharing)
+
+
+def test_the_first_frame_imports_no_other_screen_nor_numpy():
+    """top's start-up pays for the main screen only: the other screens, the
+    page map reader and numpy load when first opened (bench/footprint.py)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ksmtrace.top, ksmtrace.tui.app; print(sorted(m for m in "
+            "('ksmtrace.tui.screens', 'ksmtrace.tui.sharing', 'ksmtrace.kernel.pagemap', "
+            "'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
