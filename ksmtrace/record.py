@@ -223,6 +223,15 @@ class Recorder:
 
     def write(self, tick: Tick) -> None:
         data = encode_tick(tick)
+        # never a record the reader refuses (sources bound a tick well below:
+        # sources/live.MAX_PENDING); what is written so far stays readable
+        jlen = _U32.unpack_from(data, _HEAD.size)[0]
+        if len(data) - _HEAD.size > MAX_RECORD or jlen > MAX_JSON:
+            raise KsmtraceError(
+                f"a tick of {len(tick.events) // EVENT_SIZE:,} events and {jlen:,} bytes of "
+                f"JSON is over a recording's limits ({MAX_RECORD >> 20} MiB, JSON "
+                f"{MAX_JSON >> 20} MiB); it was not written",
+                "record with a shorter interval; the recording up to it is complete")
         # counted in the same held block, so END's counts match the records
         with held():
             self._put(data)

@@ -195,9 +195,14 @@ class SysfsSource:
 
 
 def paced(tick: Callable[[], Tick], wait: Callable[[float], None], interval: float,
-          count: int = 0) -> Iterator[Tick]:
+          count: int = 0, full: Callable[[], bool] | None = None) -> Iterator[Tick]:
     """A tick at once, then one every `interval` seconds on a fixed grid (no
-    drift), `count` of them (0: forever). `wait(s)` may return early."""
+    drift), `count` of them (0: forever). `wait(s)` may return early.
+
+    `full()`, asked after every wait: true when what the next tick would
+    carry has reached its bound; a tick is then taken at once, in between,
+    counted in neither `count` nor the grid (so a tick's size stays bounded
+    whatever the interval)."""
     yield tick()
     n = 0
     deadline = time.monotonic()
@@ -205,5 +210,7 @@ def paced(tick: Callable[[], Tick], wait: Callable[[float], None], interval: flo
         deadline += interval
         while (left := deadline - time.monotonic()) > 0:
             wait(min(left, 0.1))
+            if full is not None and full():
+                yield tick()
         yield tick()
         n += 1

@@ -36,6 +36,7 @@ from ksmtrace.sources.bpfstats import BpfStats, program_name, read_fdinfo, read_
 
 RESOLVER_FN = "tracepoint__mmap_lock__mmap_lock_start_locking"
 RESOLVE_TRIES = 3  # ticks a pid is tried before its owner counts as unknowable
+MAX_PENDING = 64 << 20  # bytes of events (~930k) after which a tick comes early
 
 # The maps' layouts, as bpf/ksmtrace.h declares them (checked against the
 # compiled sizes at load: a header change without this one fails loudly).
@@ -72,6 +73,10 @@ class LiveSource:
         self._ring: loader.RingBuffer | None = None
         self.cached: bool | None = None  # whether the compiled programs came from the cache
         self._events = bytearray()
+        # events held for the next tick: at most this plus one ring buffer's
+        # worth (a consume), whatever the interval; well under a recording's
+        # largest readable tick (record.MAX_RECORD, with its JSON)
+        self.max_pending = MAX_PENDING
         self._seq = 0
         self._resolved: set[int] = set()
         self._resolve_tries: dict[int, int] = {}  # pid -> resolutions that missed
@@ -376,8 +381,10 @@ class LiveSource:
 
     def ticks(self, interval: float, count: int = 0) -> Iterator[Tick]:
         """A tick at start, then one every `interval` seconds (count 0: forever);
-        between ticks the event stream is drained as it arrives."""
-        return counters.paced(self.tick, self.poll, interval, count)
+        between ticks the event stream is drained as it arrives, and a tick
+        comes early once its events reach `max_pending` bytes."""
+        return counters.paced(self.tick, self.poll, interval, count,
+                              full=lambda: len(self._events) >= self.max_pending)
 
 
 def _mm_stats(v: bytes) -> MmStats:

@@ -193,6 +193,38 @@ def test_no_lost_events_in_a_30k_page_merge_with_the_stream_on(facts, quiet_ksm)
 
 @pytest.mark.vm
 @pytest.mark.traced
+def test_a_tick_comes_early_when_its_events_reach_the_bound(facts, quiet_ksm):
+    """Whatever the interval, a tick's events stay bounded (a recording's
+    tick must stay readable, and the agent's memory bounded): with the bound
+    at 500 events, 6,000 merges arrive in ticks of at most 500 events plus
+    one ring-buffer read, and every merge is in one of them."""
+    cap = 500 * EVENT_SIZE
+    with traced(facts, stream=True) as obs:
+        src = obs.src
+        src.max_pending = cap
+        src.tick()  # before the workload
+        ticks = []
+        # ksmd paced (100 pages every 10 ms), so events arrive over many
+        # reads of the ring: at full speed one read can take them all
+        with Workload(WorkloadSpec(processes=3, pages=2000, distinct=20), drive_ksmd=False), \
+                sysfs.KsmKnobs() as knobs:
+            knobs.set(pages_to_scan=100, sleep_millisecs=10, run=1)
+            for t in src.ticks(2.0):
+                ticks.append(t)
+                if t.counters.ksm.pages_shared + t.counters.ksm.pages_sharing >= 6000:
+                    break
+            ticks.append(src.tick())  # what came after the last one taken
+        ring = src._ring.size  # one consume reads at most this much
+    early = [t for t in ticks[1:] if len(t.events) >= cap]
+    assert len(early) >= 3  # 6,000 merges at 500 a tick: early ticks, whatever the pace
+    assert all(len(t.events) < cap + ring for t in ticks)
+    merges = sum(e.kind == EventKind.MERGE for t in ticks for e in iter_events(t.events))
+    assert merges == 6000
+    assert ticks[-1].bpf.counters.get("events_lost", 0) == ticks[-1].bpf.perf_lost == 0
+
+
+@pytest.mark.vm
+@pytest.mark.traced
 def test_default_mode_aggregates_without_a_stream(facts, quiet_ksm):
     with traced(facts, stream=False) as obs:
         assert obs.src.spec.stream == 0

@@ -25,7 +25,7 @@ from ksmtrace import collector as collector_mod
 from ksmtrace import record as record_mod
 from ksmtrace import recschema
 from ksmtrace.collector import Collector, observe
-from ksmtrace.errors import BadRecording, Exit
+from ksmtrace.errors import BadRecording, Exit, KsmtraceError
 from ksmtrace.kernel.identity import Workload
 from ksmtrace.model import EVENT_SIZE, BpfTotals, MmStats, ProgramCost, Tick
 from ksmtrace.record import (
@@ -126,6 +126,26 @@ def test_a_synthetic_tick_round_trips(tmp_path, fixture_ticks):
         w.write(no_bpf)
     with Recording(p) as r:
         assert list(r.ticks()) == [tick, no_bpf]
+
+
+def test_the_recorder_refuses_a_tick_its_reader_would_refuse(tmp_path, fixture_ticks,
+                                                              monkeypatch):
+    """Over the reader's limit, a tick is refused whole, with a clear error,
+    and the recording up to it closes readable (sources bound their ticks
+    well below: tests/kernel/test_trace_kernel.py)."""
+    first = fixture_ticks[0]
+    an_event = next(t.events[:EVENT_SIZE] for t in fixture_ticks if t.events)
+    big = dataclasses.replace(first, seq=2, events=an_event * 40)  # 2,880 bytes
+    monkeypatch.setattr(record_mod, "MAX_RECORD", 2000)  # the reader's limit too
+    p = tmp_path / "big.ksmrec"
+    with Recorder(p, {}) as w:
+        w.write(first)
+        with pytest.raises(KsmtraceError) as e:
+            w.write(big)
+        assert "40 events" in e.value.message and "shorter interval" in e.value.hint
+    with Recording(p, warn=None) as r:
+        assert list(r.ticks()) == [first]
+        assert r.cut_warning() is None  # END was written: nothing cut
 
 
 def test_replay_gives_the_snapshots_the_ticks_give(fixture_ticks):
