@@ -91,3 +91,19 @@ def as_nobody():
         yield argv, env, dest
     finally:
         shutil.rmtree(dest, ignore_errors=True)
+
+
+@pytest.fixture
+def loaded_by():
+    """`loaded_by(statement, modules)`: which of `modules` a fresh interpreter
+    has imported after running `statement` (start-up cost guards)."""
+    import subprocess
+    import sys
+
+    def run(statement: str, modules: tuple[str, ...]) -> list[str]:
+        code = (f"import sys\n{statement}\n"
+                f"print(*sorted(m for m in {modules!r} if m in sys.modules))")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    return run

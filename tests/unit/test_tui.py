@@ -465,15 +465,9 @@ def test_snapshot_sharing(snap_compare):
     assert snap_compare(sharing_app(), terminal_size=(120, 40), run_before=open_sharing)
 
 
-def test_the_first_frame_imports_no_other_screen_nor_numpy():
+def test_the_first_frame_imports_no_other_screen_nor_numpy(loaded_by):
     """top's start-up pays for the main screen only: the other screens, the
     page map reader and numpy load when first opened (bench/footprint.py)."""
-    import subprocess
-    import sys
-
-    code = ("import sys, ksmtrace.top, ksmtrace.tui.app; print(sorted(m for m in "
-            "('ksmtrace.tui.screens', 'ksmtrace.tui.sharing', 'ksmtrace.kernel.pagemap', "
-            "'numpy') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
-    assert out.strip() == "[]"
+    assert loaded_by("import ksmtrace.top, ksmtrace.tui.app",
+                     ("ksmtrace.tui.screens", "ksmtrace.tui.sharing",
+                      "ksmtrace.kernel.pagemap", "numpy")) == []
