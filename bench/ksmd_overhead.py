@@ -288,7 +288,8 @@ def burst(knobs, ksmd: int, mode: str, facts_path: str, pages: int) -> dict:
     finally:
         stats.close()  # stats off again on every path (a closed fd, or the sysctl put back)
         tracer.kill()
-    return {"mode": mode, "seconds": t1 - t0, "ksmd_cpu": ((c1 or 0) - (c0 or 0)) / hz,
+    return {"mode": mode, "pages": pages, "seconds": t1 - t0,
+            "ksmd_cpu": ((c1 or 0) - (c0 or 0)) / hz,
             "ksmd_run_s": (n1 - n0) / 1e9 if n0 is not None and n1 is not None else None,
             "tracer_cpu": (tc1 - tc0) / hz, **report}
 
@@ -352,7 +353,8 @@ def measure(quick: bool, reps: int | None = None, modes: tuple[str, ...] = MODES
     return results
 
 
-def rows_from(results: list[dict], pages: int) -> list[dict]:
+def rows_from(results: list[dict]) -> list[dict]:
+    pages = results[0]["pages"]
     by = {m: [r for r in results if r["mode"] == m] for m in MODES}
     by = {m: v for m, v in by.items() if v}
     t = {m: median([r["seconds"] for r in v]) for m, v in by.items()}
@@ -487,8 +489,7 @@ def rows_from(results: list[dict], pages: int) -> list[dict]:
 
 
 def run(quick: bool) -> list[dict]:
-    pages = 10000 if quick else 200000
-    return rows_from(measure(quick), pages)
+    return rows_from(measure(quick))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -515,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     results = measure(a.quick, a.reps, modes)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
-    for x in rows_from(results, 10000 if a.quick else 200000):
+    for x in rows_from(results):
         print(x)
     return 0
 

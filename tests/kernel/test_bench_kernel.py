@@ -86,7 +86,8 @@ def test_ksmd_benchmark_runs_and_produces_its_rows(quiet_ksm, monkeypatch):
             progs = {name: (ns, n) for name, ns, n in r["programs"]}
             ns, n = progs["ksm:ksm_merge_with_ksm_page"]
             assert n == r["counts"]["ksm_merge_with_ksm_page"] >= 10000 and ns > 0, r
-    rows = ksmd_overhead.rows_from(results, 10000)
+    assert all(r["pages"] == 10000 for r in results)
+    rows = ksmd_overhead.rows_from(results)
     names = [r["name"] for r in rows]
     for m in ("untraced", "ksmtrace default", "ksmtrace + event stream", "bpftrace count-only",
               "ksmtrace default + --bpf-stats", "ksmtrace --sysfs-only (no BPF)"):
